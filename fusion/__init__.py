@@ -1,0 +1,11 @@
+"""difuse.fusion: record PyTorch code into a SubGraph, fuse it, run it.
+
+Importing this package before Triton makes Triton kernels run under the CPU interpreter when no
+CUDA device is present, so every kernel is executed for real on CPU-only machines and in CI.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
