@@ -260,7 +260,11 @@ def make_tiny_checkpoint(path: str | Path, kind: str = "llada", seed: int = 0, s
     path.mkdir(parents=True, exist_ok=True)
     make_config, make_shapes = KINDS[kind]
     special = _write_tokenizer(path, kind)
-    config = make_config(special) | overrides
+    config = make_config(special)
+    unknown = sorted(set(overrides) - set(config))
+    if unknown:
+        raise ValueError(f"unknown {kind} config fields {unknown}; known: {sorted(config)}")
+    config |= overrides
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(config, indent=2))
     _write_weights(path, _random_weights(make_shapes(config), seed, dtype), shards)

@@ -124,3 +124,15 @@ def test_tokenizer_round_trip_and_chat_template(pristine):
     assert tokenizer.decode(chat) == expected
     special = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
     assert chat[:2] == special[:2] and chat.count(special[3]) == 1 and chat.count(256) == 1
+
+
+@pytest.mark.parametrize("kind", ["llada_moe", "llada2"])
+def test_ling_tokenizer_and_chat_template(tmp_path, kind):
+    path = make_tiny_checkpoint(tmp_path, kind=kind)
+    tokenizer = load_tokenizer(path)
+    config = json.loads((path / "config.json").read_text())
+    assert tokenizer.convert_ids_to_tokens([config["mask_token_id"], config["eos_token_id"]]) == ["<|mask|>", "<|endoftext|>"]
+    chat = encode_prompt(tokenizer, "2+2?")
+    assert tokenizer.decode(chat) == "<role>HUMAN</role>2+2?<|role_end|><role>ASSISTANT</role>"
+    assert chat[0] == tokenizer.convert_tokens_to_ids("<role>")
+    assert tokenizer.decode(encode_prompt(tokenizer, "x y", chat=False)) == "x y"
