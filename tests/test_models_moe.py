@@ -140,16 +140,21 @@ MOE_VARIANTS = {
 }
 
 
+def tolerance(device):
+    return dict(atol=2e-4, rtol=2e-4) if device == "cpu" else dict(atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("variant", sorted(MOE_VARIANTS))
-def test_llada_moe_matches_reference(tmp_path, variant):
+def test_llada_moe_matches_reference(tmp_path, variant, device):
     overrides = MOE_VARIANTS[variant]
     path = make_tiny_checkpoint(tmp_path, kind="llada_moe", seed=2, **overrides)
-    model = load_model(path, "cpu", torch.float32)
+    model = load_model(path, device, torch.float32)
     assert isinstance(model, LLaDAMoEModel)
     input_ids = torch.randint(0, 320, (2, 9))
     positions = torch.arange(9).expand(2, 9) + torch.tensor([[0], [3]])
-    logits = model.compute_logits(model(input_ids, positions))
-    torch.testing.assert_close(logits, reference_llada_moe(path, input_ids, positions), atol=2e-4, rtol=2e-4)
+    logits = model.compute_logits(model(input_ids.to(device), positions.to(device))).cpu()
+    torch.testing.assert_close(logits, reference_llada_moe(path, input_ids, positions), **tolerance(device))
 
 
 def test_llada_moe_fused_expert_format(tmp_path):
@@ -240,19 +245,21 @@ def llada2_checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("llada2"), kind="llada2", seed=4)
 
 
-def test_llada2_matches_reference_block_causal(llada2_checkpoint):
-    model = load_model(llada2_checkpoint, "cpu", torch.float32)
+@pytest.mark.gpu
+def test_llada2_matches_reference_block_causal(llada2_checkpoint, device):
+    model = load_model(llada2_checkpoint, device, torch.float32)
     assert isinstance(model, LLaDA2Model)
     T, block = 10, 4
     input_ids = torch.randint(0, 320, (2, T))
     positions = torch.arange(T).expand(2, T)
-    logits = model.compute_logits(model(input_ids, positions, attention_bias=block_causal_bias(T, block)))
+    bias = block_causal_bias(T, block, device=device)
+    logits = model.compute_logits(model(input_ids.to(device), positions.to(device), attention_bias=bias)).cpu()
     mask = torch.tensor([[j // block <= i // block for j in range(T)] for i in range(T)])
     torch.testing.assert_close(logits, reference_llada2(llada2_checkpoint, input_ids, positions, mask),
-                               atol=2e-4, rtol=2e-4)
-    bidirectional = model.compute_logits(model(input_ids, positions))
+                               **tolerance(device))
+    bidirectional = model.compute_logits(model(input_ids.to(device), positions.to(device))).cpu()
     torch.testing.assert_close(bidirectional, reference_llada2(llada2_checkpoint, input_ids, positions, None),
-                               atol=2e-4, rtol=2e-4)
+                               **tolerance(device))
 
 
 class PrefixCache:
