@@ -6,6 +6,7 @@ filled, every shape right) before any weight is read, and only then are tensors 
 memory-mapped files, packed (QKV, gate-up, expert stacks), cast and moved to the device.
 """
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -97,8 +98,12 @@ def _open(file: Path):
         raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from e
 
 
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
 def _headers(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
-    """Shape of every checkpoint tensor, checking that each shard holds what the index says."""
+    """Shape of every checkpoint tensor, checking that each shard holds what the index says and
+    that every tensor is floating point (quantised checkpoints are not supported)."""
     shapes = {}
     for file in sorted(set(files.values())):
         with _open(file) as f:
@@ -106,8 +111,11 @@ def _headers(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
             listed = {key for key, where in files.items() if where == file}
             if listed - held:
                 raise CheckpointError(f"{file}: lacks tensors the index assigns to it: {sorted(listed - held)[:10]}")
-            for key in listed:
-                shapes[key] = tuple(f.get_slice(key).get_shape())
+            for key in sorted(listed):
+                tensor = f.get_slice(key)
+                if tensor.get_dtype() not in FLOAT_DTYPES:
+                    raise CheckpointError(f"{file}: tensor {key} has dtype {tensor.get_dtype()}, not floating point")
+                shapes[key] = tuple(tensor.get_shape())
     return shapes
 
 
@@ -153,13 +161,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         model = family.model_class(config)
     _check(sources, model, shapes, path)
 
-    handles = {file: _open(file) for file in set(files.values())}
-    try:
-        state = {}
+    state = {}
+    with ExitStack() as stack:
+        handles = {file: stack.enter_context(_open(file)) for file in set(files.values())}
         for name, source in sources.items():
             target = torch.float32 if name.endswith(model.FP32_PARAMETERS) else dtype
             state[name] = assemble(source, lambda key: handles[files[key]].get_tensor(key).to(target)).to(device)
-    finally:
-        handles.clear()
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)

@@ -156,8 +156,7 @@ def _llada2_shapes(c: dict) -> dict[str, tuple[int, ...]]:
             shapes |= _swiglu_shapes(p + "mlp.", H, c["intermediate_size"])
             continue
         shapes[p + "mlp.gate.weight"] = (E, H)
-        if c["moe_router_enable_expert_bias"]:
-            shapes[p + "mlp.gate.expert_bias"] = (E,)
+        shapes[p + "mlp.gate.expert_bias"] = (E,)
         for e in range(E):
             shapes |= _swiglu_shapes(f"{p}mlp.experts.{e}.", H, I)
         if c["num_shared_experts"]:

@@ -44,6 +44,12 @@ def test_misshaped_tensor_is_named(checkpoint):
         load_model(checkpoint)
 
 
+def test_integer_tensor_is_refused(checkpoint):
+    rewrite(checkpoint, lambda w: w.update({"model.transformer.ln_f.weight": torch.ones(64, dtype=torch.int8)}))
+    with pytest.raises(CheckpointError, match=r"ln_f\.weight has dtype I8, not floating point"):
+        load_model(checkpoint)
+
+
 def test_truncated_file_is_named(checkpoint):
     data = (checkpoint / "model.safetensors").read_bytes()
     (checkpoint / "model.safetensors").write_bytes(data[: len(data) // 2])
