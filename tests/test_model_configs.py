@@ -58,6 +58,17 @@ def test_llada2_mini_config_and_size():
     assert 16.2e9 < parameter_count(LLaDA2Model, config) < 16.4e9  # "16B total"
 
 
+def test_uniform_cache_sizes():
+    with torch.device("meta"):
+        dense = LLaDAModel(LLaDAConfig.from_hf_config(LLADA_8B))
+        mini = LLaDA2Model(LLaDA2Config.from_hf_config(LLADA2_MINI))
+    assert (dense.num_layers, dense.num_kv_heads, dense.head_dim, dense.hidden_size, dense.vocab_size) == (
+        32, 32, 128, 4096, 126464)
+    assert (mini.num_layers, mini.num_kv_heads, mini.head_dim, mini.hidden_size, mini.vocab_size) == (
+        20, 4, 128, 2048, 157184)
+    assert mini.dtype == torch.float32
+
+
 def test_family_dispatch():
     assert family_of(LLADA_8B).name == "llada"
     assert family_of(LLADA_MOE_7B).name == "llada_moe"  # same model_type "llada" as dense LLaDA
