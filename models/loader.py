@@ -17,7 +17,7 @@ from safetensors import safe_open
 from difuse.models.llada import LLaDAConfig, LLaDAModel, checkpoint_map as llada_map
 from difuse.models.llada2 import LLaDA2Config, LLaDA2Model, checkpoint_map as llada2_map
 from difuse.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModel, checkpoint_map as llada_moe_map
-from difuse.models.packing import assemble, expected_shapes, source_keys
+from difuse.models.packing import assemble, expected_shapes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
