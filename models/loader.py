@@ -141,13 +141,22 @@ def _check(sources: dict, model: torch.nn.Module, shapes: dict[str, tuple[int, .
         raise CheckpointError(f"{path}: checkpoint does not match the model: " + "; ".join(problems))
 
 
+def _float_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
+    return resolved
+
+
 def _few(items: list[str], limit: int = 10) -> str:
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16):
-    """Build the model described by `path`/config.json and fill it from its safetensors files."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.bfloat16):
+    """Build the model described by `path`/config.json and fill it from its safetensors files,
+    with parameters in `dtype` (a torch dtype or its name, e.g. "bfloat16") on `device`."""
+    dtype = _float_dtype(dtype)
     hf_config = read_config(path)
     family = family_of(hf_config)
     try:

@@ -263,6 +263,8 @@ def make_tiny_checkpoint(path: str | Path, kind: str = "llada", seed: int = 0, s
     unknown = sorted(set(overrides) - set(config))
     if unknown:
         raise ValueError(f"unknown {kind} config fields {unknown}; known: {sorted(config)}")
+    if kind == "llada_moe" and "num_hidden_layers" in overrides and "moe_layer_freq" not in overrides:
+        config["moe_layer_freq"] = [1] * overrides["num_hidden_layers"]  # every layer MoE, as the real model
     config |= overrides
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(config, indent=2))

@@ -96,6 +96,9 @@ def test_shard_problems_are_named(tmp_path):
 
 
 def test_load_casts_and_freezes(pristine):
+    with pytest.raises(ValueError, match="floating-point torch dtype"):
+        load_model(pristine, "cpu", "int8")
+    assert load_model(pristine, "cpu", "float32").dtype == torch.float32
     model = load_model(pristine, "cpu", torch.float16)
     assert all(p.dtype == torch.float16 and p.device.type == "cpu" and not p.requires_grad for p in model.parameters())
     assert not model.training

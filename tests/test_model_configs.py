@@ -94,6 +94,13 @@ def test_unsupported_settings_are_refused(config_class, hf, change, message):
         config_class.from_hf_config(hf | change)
 
 
+def test_tiny_maker_layer_override(tmp_path):
+    from difuse.models import load_model
+
+    model = load_model(make_tiny_checkpoint(tmp_path, kind="llada_moe", num_hidden_layers=3), dtype=torch.float32)
+    assert model.num_layers == 3 and model.config.moe_layers == (True, True, True)
+
+
 def test_tiny_maker_rejects_unknown_overrides(tmp_path):
     with pytest.raises(ValueError, match="n_layer"):
         make_tiny_checkpoint(tmp_path, kind="llada", n_layer=3)
