@@ -77,7 +77,10 @@ class KernelCompiler:
         if launch_key in self._launchers:
             self.cache.stats["memory_hits"] += 1
             hit = self._launchers[launch_key]
-            return CompiledGroup(**{**hit.__dict__, "cache_hit": "memory", "compile_seconds": 0.0})
+            # same structure, so the same argument order; the value names are this group's own
+            return CompiledGroup(**{**hit.__dict__, "cache_hit": "memory", "compile_seconds": 0.0,
+                                    "inputs": list(kernel.input_values), "scalar_args": list(kernel.scalar_args),
+                                    "outputs": [o.value for o in kernel.outputs]})
         if key in self.cache.memory:
             module, hit = self.cache.memory[key], "memory"
             self.cache.stats["memory_hits"] += 1
