@@ -443,7 +443,7 @@ class FusionScheduler:
                 if k in hoisted:
                     continue
                 node = graph.nodes[k]
-                fn = src.const(node.target, "op")
+                fn = src.const(getattr(node.target, "_op", node.target), "op")  # skips a Python frame
                 call = f"{fn}({', '.join([*(src.expr(a) for a in node.args), *(f'{n}={src.expr(v)}' for n, v in node.kwargs.items())])})"
                 outs = [n or "_" for n in node.out_leaves]
                 lhs = outs[0] if len(outs) == 1 else (", ".join(outs) + ("," if len(outs) == 1 else ""))
