@@ -102,6 +102,9 @@ class _Recorder(TorchDispatchMode):
                 attrs[a.name] = value
 
         out = func(*args, **kwargs)
+        if isinstance(out, (bool, int, float)):  # e.g. aten.equal, aten.is_nonzero
+            raise RecordingError(f"{func} returns a Python {type(out).__name__} computed from device data: a "
+                                 "recorded step must keep its decisions on the device (use torch.where / masks)")
 
         leaves = tree_flatten(out)[0]
         out_leaves = []

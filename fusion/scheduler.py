@@ -485,7 +485,8 @@ class FusionScheduler:
     @staticmethod
     def _hoist_constant_views(graph: SubGraph, src: _Source, order) -> set[int]:
         """Views of constants (weight.t(), cache slices) are computed once at build time: a view
-        aliases its base, so later in-place writes stay visible through it."""
+        aliases its base, so later in-place writes stay visible through it (rebinding a
+        parameter's storage with `.data = ...` after compiling is not)."""
         hoisted: set[int] = set()
         constant_values = set(graph.constants)
         for kind, k in order:
