@@ -15,3 +15,113 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, R]: broadcast over heads
     out = torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
     return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused kernel: one program per (b, t) position and block of heads, so cos/sin [R] are read once
+# and broadcast over heads. The rotate-half partner x[d +- R/2] is a second load of the same
+# (cached) row instead of a register shuffle. With NORM, the per-head RMSNorm of qk_norm runs first
+# on the row already in registers (qk_norm_rope: one read and one write of q/k instead of two each).
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from difuse.patterns._rows import check_float, check_runtime_device, check_same_device, next_pow2, row_num_warps  # noqa: E402
+
+
+@triton.jit
+def _norm_rope_kernel(
+    x_ptr, x_sb, x_st, x_sh,  # [B, T, H, D], unit stride in D
+    w_ptr,  # norm weight [D] (read only when NORM)
+    cos_ptr, sin_ptr, cs_sb, cs_st,  # [B or 1, T, R] fp32, unit stride in R
+    y_ptr,  # contiguous [B, T, H, D]
+    T, H, D, R, eps,
+    NORM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pos = tl.program_id(0)
+    b = (pos // T).to(tl.int64)
+    t = (pos % T).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    half = R // 2
+    rotary = dims < R
+    partner = tl.where(dims < half, dims + half, dims - half)
+    head_ok = (heads < H)[:, None]
+    mask = head_ok & (dims < D)[None, :]
+    pmask = head_ok & rotary[None, :]
+    row = x_ptr + b * x_sb + t * x_st + heads.to(tl.int64)[:, None] * x_sh
+    x = tl.load(row + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(row + partner[None, :], mask=pmask, other=0.0).to(tl.float32)
+    if NORM:
+        # qk_norm's output dtype: rms_norm rounds `normed` to x's dtype, then weight * normed.
+        norm_ty = x_ptr.dtype.element_ty
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+        w = tl.load(w_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)
+        wp = tl.load(w_ptr + partner, mask=rotary, other=0.0).to(tl.float32)
+        x = ((x * rstd).to(norm_ty).to(tl.float32) * w[None, :]).to(y_ptr.dtype.element_ty).to(tl.float32)
+        xp = ((xp * rstd).to(norm_ty).to(tl.float32) * wp[None, :]).to(y_ptr.dtype.element_ty).to(tl.float32)
+    cs = b * cs_sb + t * cs_st + dims
+    cos = tl.load(cos_ptr + cs, mask=rotary, other=1.0)[None, :]
+    sin = tl.load(sin_ptr + cs, mask=rotary, other=0.0)[None, :]
+    rotated = tl.where((dims < half)[None, :], -xp, xp)
+    out = tl.where(rotary[None, :], x * cos + rotated * sin, x)
+    out_row = ((b * T + t) * H + heads.to(tl.int64)[:, None]) * D
+    tl.store(y_ptr + out_row + dims[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_norm_rope(x, weight, eps, cos, sin) -> torch.Tensor:
+    """x [B, T, H, D]; weight [D] or None (no norm); cos, sin [B or 1, T, R] fp32."""
+    check_float("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be [B, T, H, D], got shape {tuple(x.shape)}")
+    B, T, H, D = x.shape
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            raise TypeError(f"{name} must be a float32 tensor")
+        if t.dim() != 3 or t.shape[0] not in (1, B) or t.shape[1] != T:
+            raise ValueError(f"{name} must be [B or 1, T, R] = [{B} or 1, {T}, R], got {tuple(t.shape)}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have the same shape")
+    R = cos.shape[-1]
+    if R % 2 or R > D:
+        raise ValueError(f"rotary dim R={R} must be even and at most head_dim D={D}")
+    out_dtype = x.dtype
+    if weight is not None:
+        check_float("weight", weight)
+        if weight.shape != (D,):
+            raise ValueError(f"norm weight must be [D] = [{D}], got {tuple(weight.shape)}")
+        out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    check_same_device(x=x, cos=cos, sin=sin, weight=weight)
+    check_runtime_device(x)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    if D > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    if R > 1 and (cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride() != sin.stride()):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    block_d = next_pow2(D)
+    block_h = min(next_pow2(H), max(1, 4096 // block_d))
+    batch_stride = cos.stride(0) if cos.shape[0] > 1 else 0
+    _norm_rope_kernel[(B * T, triton.cdiv(H, block_h))](
+        x, x.stride(0), x.stride(1), x.stride(2),
+        weight.contiguous() if weight is not None else x,
+        cos, sin, batch_stride, cos.stride(1),
+        y, T, H, D, R, float(eps),
+        NORM=weight is not None,
+        BLOCK_H=block_h,
+        BLOCK_D=block_d,
+        num_warps=row_num_warps(block_h * block_d),
+    )
+    return y
+
+
+def fused_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Triton apply_rope: x [B, T, H, D] (any strides), cos/sin [B or 1, T, R] fp32."""
+    return launch_norm_rope(x, None, 0.0, cos, sin)
+
+
+def rope_bytes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> int:
+    return 2 * x.numel() * x.element_size() + 2 * cos.numel() * cos.element_size()
