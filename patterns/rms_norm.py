@@ -153,3 +153,105 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 def rms_norm_bytes(x: torch.Tensor, weight: torch.Tensor, eps: float = 0.0) -> int:
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     return x.numel() * (x.element_size() + out_dtype.itemsize) + weight.numel() * weight.element_size()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pattern: rms_norm, recognised in the recorded forms
+#   weight * (x32 * rsqrt(mean(x32^2, -1, keepdim) + eps)).to(x.dtype)   (x32 = x.float())
+#   with x32*x32 for the square, x32 / sqrt(...) for the scale, either operand order of the
+#   multiplies, and the casts absent when x is fp32.
+
+from difuse.fusion.pattern import Pattern, register  # noqa: E402
+from difuse.patterns._match import CAST, Walker, is_scalar, last_dim, no_overlap  # noqa: E402
+
+
+def match_rms_norm_at(walker: Walker, anchor: int) -> dict | None:
+    """Match the RMSNorm chain around the rsqrt/sqrt node `anchor`. Returns x, weight, eps, out."""
+    g = walker.graph
+    scale_node = g.nodes[anchor]
+    if scale_node.op not in ("aten.rsqrt.default", "aten.sqrt.default"):
+        return None
+    walker.taken.append(anchor)
+    add = walker.take(scale_node.inputs[0], ("aten.add.Tensor", "aten.add.Scalar"))
+    if add is None or len(add.inputs) != 1 or not is_scalar(add.args[1]) or add.kwargs.get("alpha", 1) != 1:
+        return None
+    eps = add.args[1]
+    mean = walker.take(add.inputs[0], "aten.mean.dim")
+    if mean is None or len(mean.args) < 3 or mean.args[2] is not True or mean.kwargs.get("dtype") is not None:
+        return None
+    square = walker.take(mean.inputs[0], ("aten.pow.Tensor_Scalar", "aten.mul.Tensor"))
+    if square is None:
+        return None
+    if square.op == "aten.pow.Tensor_Scalar":
+        if square.args[1] != 2:
+            return None
+        x32 = square.inputs[0]
+    else:
+        if len(square.inputs) != 2 or square.inputs[0] != square.inputs[1]:
+            return None
+        x32 = square.inputs[0]
+    ndim = len(walker.shape(x32))
+    if not last_dim(mean.args[1], ndim) or walker.dtype(x32) != torch.float32:
+        return None
+    scaled = walker.sole_user(scale_node.outputs[0], "aten.div.Tensor" if scale_node.op == "aten.sqrt.default"
+                              else "aten.mul.Tensor")
+    if scaled is None:
+        return None
+    index, node = scaled
+    scale = scale_node.outputs[0]
+    if node.op == "aten.mul.Tensor":
+        other = walker.other_operand(node, scale)
+    else:  # x32 / sqrt(...): the divisor must be the scale
+        other = node.args[0] if getattr(node.args[1], "name", None) == scale else None
+    if getattr(other, "name", None) != x32:
+        return None
+    walker.taken.append(index)
+    x = walker.uncast(x32, torch.float32)
+    normed = node.outputs[0]
+    if walker.dtype(x) != torch.float32:
+        cast = walker.sole_user(normed, CAST)
+        if cast is None or cast[1].kwargs.get("dtype") != walker.dtype(x):
+            return None
+        walker.taken.append(cast[0])
+        normed = cast[1].outputs[0]
+    apply = walker.sole_user(normed, "aten.mul.Tensor")
+    if apply is None:
+        return None
+    weight = walker.other_operand(apply[1], normed)
+    if getattr(weight, "name", None) is None or walker.shape(weight.name) != (walker.shape(x)[-1],):
+        return None
+    if weight.name in {v for i in walker.taken for v in g.nodes[i].outputs}:
+        return None
+    walker.taken.append(apply[0])
+    return {"x": x, "weight": weight.name, "eps": eps, "out": apply[1].outputs[0]}
+
+
+def rms_norm_anchors(graph) -> list[int]:
+    return [i for i, n in enumerate(graph.nodes) if n.op in ("aten.rsqrt.default", "aten.sqrt.default")]
+
+
+class RMSNormPattern(Pattern):
+    name = "rms_norm"
+    priority = 10
+
+    def match(self, graph):
+        matches = []
+        for anchor in rms_norm_anchors(graph):
+            walker = Walker(graph)
+            found = match_rms_norm_at(walker, anchor)
+            if found and walker.closed([found["out"]]):
+                matches.append(walker.match(self.name, (found["x"], found["weight"]), (found["out"],),
+                                            eps=found["eps"]))
+        return no_overlap(matches)
+
+    def reference(self, x, weight, eps):
+        return rms_norm(x, weight, eps)
+
+    def kernel(self, x, weight, eps):
+        return fused_rms_norm(x, weight, eps)
+
+    def bytes_moved(self, x, weight, eps=0.0):
+        return rms_norm_bytes(x, weight, eps)
+
+
+register(RMSNormPattern())

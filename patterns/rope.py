@@ -125,3 +125,138 @@ def fused_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 def rope_bytes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> int:
     return 2 * x.numel() * x.element_size() + 2 * cos.numel() * cos.element_size()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pattern: rope, the recorded rotate-half form of apply_rope:
+#   x_rot = x32[..., :R] (alias when R = D), x_pass = x32[..., R:]; x1, x2 = split(x_rot, R/2)
+#   out = cat(x_rot * cos[:, :, None] + cat(-x2, x1) * sin[:, :, None], x_pass), cast to x.dtype
+# with multiplies and the add in either operand order and the casts absent for fp32 x.
+
+from difuse.fusion.pattern import Pattern, register  # noqa: E402
+from difuse.patterns._match import CAST, Walker, last_dim, no_overlap  # noqa: E402
+
+_END = 2**63 - 1
+
+
+def _slice_of(walker: Walker, value: str):
+    """(source, start, end) when `value` is a last-dim, unit-step slice; alias counts as the full slice."""
+    node = walker.node(value)
+    if node is None:
+        return None
+    if node.op == "aten.alias.default":
+        return node.inputs[0], 0, _END
+    if node.op != "aten.slice.Tensor" or len(node.inputs) != 1:
+        return None
+    args = list(node.args) + [0, None, None, 1][len(node.args) - 1:]
+    _, dim, start, end, step = args[:5]
+    if step != 1 or not last_dim(dim, len(walker.shape(node.inputs[0]))):
+        return None
+    return node.inputs[0], start or 0, _END if end is None else end
+
+
+def _unsqueezed_table(walker: Walker, value) -> str | None:
+    """cos/sin [B or 1, T, R] fp32 behind `table[:, :, None, :]`."""
+    name = getattr(value, "name", None)
+    node = walker.node(name) if name else None
+    if node is None or node.op != "aten.unsqueeze.default" or node.args[1] != 2:
+        return None
+    table = node.inputs[0]
+    if len(walker.shape(table)) != 3 or walker.dtype(table) != torch.float32 or len(walker.users(name)) != 1:
+        return None
+    walker.take(name, "aten.unsqueeze.default")
+    return table
+
+
+def match_rope_at(walker: Walker, anchor: int) -> dict | None:
+    """Match apply_rope around the neg node `anchor`. Returns x (pre-cast input), cos, sin, out."""
+    g = walker.graph
+    neg = g.nodes[anchor]
+    if neg.op != "aten.neg.default":
+        return None
+    walker.taken.append(anchor)
+    split = walker.take(neg.inputs[0], "aten.split.Tensor")
+    if split is None or len(split.outputs) != 2 or split.outputs[1] != neg.inputs[0]:
+        return None
+    x1, x_rot = split.outputs[0], split.inputs[0]
+    rot_shape = walker.shape(x_rot)
+    if len(rot_shape) != 4 or rot_shape[-1] != 2 * split.args[1] or not last_dim(
+            split.args[2] if len(split.args) > 2 else 0, 4):
+        return None
+    rotated = walker.sole_user(neg.outputs[0], "aten.cat.default")
+    if rotated is None or [getattr(r, "name", None) for r in rotated[1].args[0]] != [neg.outputs[0], x1] \
+            or not last_dim(rotated[1].args[1] if len(rotated[1].args) > 1 else 0, 4):
+        return None
+    walker.taken.append(rotated[0])
+    sliced = _slice_of(walker, x_rot)
+    if sliced is not None and sliced[1] == 0:
+        x32, R = sliced[0], rot_shape[-1]
+        walker.take(x_rot, ("aten.alias.default", "aten.slice.Tensor"))
+    else:
+        x32, R = x_rot, rot_shape[-1]
+    # x_rot * cos and rotated * sin, added
+    rot_users = [i for i in walker.users(x_rot) if g.nodes[i].op == "aten.mul.Tensor"]
+    sin_user = walker.sole_user(rotated[1].outputs[0], "aten.mul.Tensor")
+    if len(rot_users) != 1 or sin_user is None:
+        return None
+    cos = _unsqueezed_table(walker, walker.other_operand(g.nodes[rot_users[0]], x_rot))
+    sin = _unsqueezed_table(walker, walker.other_operand(sin_user[1], rotated[1].outputs[0]))
+    if cos is None or sin is None or walker.shape(cos)[-1] != R or walker.shape(sin) != walker.shape(cos):
+        return None
+    walker.taken += [rot_users[0], sin_user[0]]
+    cos_term, sin_term = g.nodes[rot_users[0]].outputs[0], sin_user[1].outputs[0]
+    add = walker.sole_user(cos_term, "aten.add.Tensor")
+    if add is None or getattr(walker.other_operand(add[1], cos_term), "name", None) != sin_term:
+        return None
+    walker.taken.append(add[0])
+    out = add[1].outputs[0]
+    D = walker.shape(x32)[-1]
+    if R != D or walker.sole_user(out, "aten.cat.default"):
+        joined = walker.sole_user(out, "aten.cat.default")
+        if joined is None:
+            return None
+        parts = [getattr(r, "name", None) for r in joined[1].args[0]]
+        tail = _slice_of(walker, parts[1]) if len(parts) == 2 and parts[0] == out and parts[1] else None
+        if tail is None or tail[0] != x32 or tail[1] != R or tail[2] < D:
+            return None
+        walker.take(parts[1], "aten.slice.Tensor")
+        walker.taken.append(joined[0])
+        out = joined[1].outputs[0]
+    x = walker.uncast(x32, torch.float32)
+    if walker.dtype(x) != torch.float32:
+        cast = walker.sole_user(out, CAST)
+        if cast is None or cast[1].kwargs.get("dtype") != walker.dtype(x):
+            return None
+        walker.taken.append(cast[0])
+        out = cast[1].outputs[0]
+    return {"x": x, "cos": cos, "sin": sin, "out": out}
+
+
+def rope_anchors(graph) -> list[int]:
+    return [i for i, n in enumerate(graph.nodes) if n.op == "aten.neg.default"]
+
+
+class RoPEPattern(Pattern):
+    name = "rope"
+    priority = 10
+
+    def match(self, graph):
+        matches = []
+        for anchor in rope_anchors(graph):
+            walker = Walker(graph)
+            found = match_rope_at(walker, anchor)
+            if found and walker.closed([found["out"]]):
+                matches.append(walker.match(self.name, (found["x"], found["cos"], found["sin"]), (found["out"],)))
+        return no_overlap(matches)
+
+    def reference(self, x, cos, sin):
+        return apply_rope(x, cos, sin)
+
+    def kernel(self, x, cos, sin):
+        return fused_apply_rope(x, cos, sin)
+
+    def bytes_moved(self, x, cos, sin):
+        return rope_bytes(x, cos, sin)
+
+
+register(RoPEPattern())

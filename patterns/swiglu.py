@@ -99,3 +99,107 @@ def swiglu_bytes(gate: torch.Tensor, up: torch.Tensor) -> int:
 
 def swiglu_packed_bytes(gate_up: torch.Tensor) -> int:
     return gate_up.numel() * gate_up.element_size() * 3 // 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Patterns: swiglu from silu(gate) * up or gate * sigmoid(gate) * up (operands in either order),
+# and swiglu_packed when gate and up are the two halves of one split/chunk of gate_up.
+
+from difuse.fusion.pattern import Pattern, register  # noqa: E402
+from difuse.patterns._match import Walker, last_dim, no_overlap  # noqa: E402
+
+
+def _match_swiglu_at(walker: Walker, anchor: int) -> dict | None:
+    g = walker.graph
+    node = g.nodes[anchor]
+    gate = node.inputs[0] if node.inputs else None
+    if gate is None:
+        return None
+    walker.taken.append(anchor)
+    act = node.outputs[0]
+    if node.op == "aten.sigmoid.default":
+        times_gate = walker.sole_user(act, "aten.mul.Tensor")
+        if times_gate is None or getattr(walker.other_operand(times_gate[1], act), "name", None) != gate:
+            return None
+        walker.taken.append(times_gate[0])
+        act = times_gate[1].outputs[0]
+    gated = walker.sole_user(act, "aten.mul.Tensor")
+    if gated is None:
+        return None
+    up = walker.other_operand(gated[1], act)
+    if getattr(up, "name", None) is None or walker.shape(up.name) != walker.shape(gate):
+        return None
+    walker.taken.append(gated[0])
+    return {"gate": gate, "up": up.name, "out": gated[1].outputs[0]}
+
+
+def _swiglu_matches(graph) -> list[tuple[Walker, dict]]:
+    found = []
+    for i, node in enumerate(graph.nodes):
+        if node.op in ("aten.silu.default", "aten.sigmoid.default"):
+            walker = Walker(graph)
+            hit = _match_swiglu_at(walker, i)
+            if hit:
+                found.append((walker, hit))
+    return found
+
+
+def _packed_source(walker: Walker, gate: str, up: str) -> str | None:
+    """gate_up when gate, up = gate_up.chunk(2, -1) (recorded as one split into two halves)."""
+    split = walker.graph.producer_node(gate)
+    if split is None or split.op != "aten.split.Tensor" or split.outputs != (gate, up):
+        return None
+    gate_up = split.inputs[0]
+    shape = walker.shape(gate_up)
+    dim = split.args[2] if len(split.args) > 2 else 0
+    if not last_dim(dim, len(shape)) or shape[-1] != 2 * split.args[1]:
+        return None
+    walker.take(gate, "aten.split.Tensor")
+    return gate_up
+
+
+class SwiGLUPackedPattern(Pattern):
+    name = "swiglu_packed"
+    priority = 20
+
+    def match(self, graph):
+        matches = []
+        for walker, hit in _swiglu_matches(graph):
+            gate_up = _packed_source(walker, hit["gate"], hit["up"])
+            if gate_up is not None and walker.closed([hit["out"]]):
+                matches.append(walker.match(self.name, (gate_up,), (hit["out"],)))
+        return no_overlap(matches)
+
+    def reference(self, gate_up):
+        return swiglu_fused(gate_up)
+
+    def kernel(self, gate_up):
+        return fused_swiglu_packed(gate_up)
+
+    def bytes_moved(self, gate_up):
+        return swiglu_packed_bytes(gate_up)
+
+
+class SwiGLUPattern(Pattern):
+    name = "swiglu"
+    priority = 10
+
+    def match(self, graph):
+        matches = []
+        for walker, hit in _swiglu_matches(graph):
+            if walker.closed([hit["out"]]):
+                matches.append(walker.match(self.name, (hit["gate"], hit["up"]), (hit["out"],)))
+        return no_overlap(matches)
+
+    def reference(self, gate, up):
+        return swiglu(gate, up)
+
+    def kernel(self, gate, up):
+        return fused_swiglu(gate, up)
+
+    def bytes_moved(self, gate, up):
+        return swiglu_bytes(gate, up)
+
+
+register(SwiGLUPackedPattern())
+register(SwiGLUPattern())
