@@ -125,7 +125,8 @@ def _vocab_pass_kernel(
                 best_i = tl.where(larger, cols, best_i)
             m = m_new
         row_max = tl.max(m, axis=0)
-        row_sum = tl.sum(s * tl.exp(m - row_max), axis=0)  # lanes that saw only -inf have s = 0
+        # Lanes (or a whole split) that saw only -inf have s = 0: rescale against 0, not -inf.
+        row_sum = tl.sum(s * tl.exp(m - tl.where(row_max == float("-inf"), 0.0, row_max)), axis=0)
         if SAMPLE:
             key_max = tl.max(best_k, axis=0)
             index = tl.min(tl.where(best_k == key_max, best_i, _NO_INDEX), axis=0)
