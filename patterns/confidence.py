@@ -226,6 +226,7 @@ def _select_kernel(
 # Host wrappers.
 
 _DEFAULT_BLOCK_V = 4096
+_SPLIT_BLOCK_V = 2048
 
 
 def _check_logits(logits: torch.Tensor) -> None:
@@ -254,11 +255,26 @@ def _seed_arg(seed, device: torch.device):
     return seed & (2**63 - 1), False
 
 
-def choose_splits(rows: int, vocab: int, device: torch.device, block_v: int = _DEFAULT_BLOCK_V) -> int:
+def choose_splits(rows: int, vocab: int, device: torch.device, block_v: int = _SPLIT_BLOCK_V) -> int:
     """Vocabulary splits per row: aim at ~4 programs per SM (32 rows x 1 program would leave most
     of an H100's 132 SMs idle), at least two BLOCK_V tiles per split."""
     wanted = triton.cdiv(4 * sm_count(device), max(rows, 1))
     return max(1, min(wanted, vocab // (2 * block_v)))
+
+
+def plan_vocab_pass(rows: int, vocab: int, device: torch.device, splits: int | None = None,
+                    block_v: int | None = None) -> tuple[int, int, int]:
+    """(splits, block_v, chunk): one pass with 4096-wide tiles when the rows fill the GPU, else
+    2048-wide tiles (finer splits, e.g. 32 x 126464 -> 16 splits of 8192 columns per row)."""
+    if block_v is None:
+        wide = splits == 1 or (splits is None and choose_splits(rows, vocab, device) == 1)
+        block_v = min(_DEFAULT_BLOCK_V if wide else _SPLIT_BLOCK_V, triton.next_power_of_2(vocab))
+    if splits is None:
+        splits = choose_splits(rows, vocab, device, block_v)
+    if splits < 1 or block_v < 1 or block_v & (block_v - 1):
+        raise ValueError(f"splits must be >= 1 and block_v a power of two, got {splits}, {block_v}")
+    chunk = triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
+    return triton.cdiv(vocab, chunk), block_v, chunk
 
 
 def _vocab_pass(logits, block, mask_id, temperature, seed, splits, block_v, final):
@@ -266,11 +282,7 @@ def _vocab_pass(logits, block, mask_id, temperature, seed, splits, block_v, fina
     view = row_view(logits)
     V = logits.shape[-1]
     device = logits.device
-    block_v = block_v or min(_DEFAULT_BLOCK_V, triton.next_power_of_2(V))
-    if splits is None:
-        splits = choose_splits(view.rows, V, device, block_v)
-    chunk = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
-    splits = triton.cdiv(V, chunk)
+    splits, block_v, chunk = plan_vocab_pass(view.rows, V, device, splits, block_v)
     if final and splits != 1:
         raise ValueError("a final vocabulary pass needs a single split")
     seed, seed_from_ptr = _seed_arg(seed, device)
@@ -399,9 +411,7 @@ def fused_token_confidence(logits: torch.Tensor, temperature: float = 0.0, seed=
     temperature = _check_temperature(temperature)
     lead = logits.shape[:-1]
     view_rows = logits.numel() // logits.shape[-1]
-    if splits is None:
-        splits = choose_splits(view_rows, logits.shape[-1], logits.device,
-                               block_v or min(_DEFAULT_BLOCK_V, triton.next_power_of_2(logits.shape[-1])))
+    splits, block_v, _ = plan_vocab_pass(view_rows, logits.shape[-1], logits.device, splits, block_v)
     if splits == 1:
         conf, token = _vocab_pass(logits, None, 0, temperature, seed, 1, block_v, final=True)
         return conf.view(lead), token.view(lead)

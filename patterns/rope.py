@@ -19,8 +19,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ---------------------------------------------------------------------------------------------
 # Fused kernel: one program per (b, t) position and block of heads, so cos/sin [R] are read once
-# and broadcast over heads. The rotate-half partner x[d +- R/2] is a second load of the same
-# (cached) row instead of a register shuffle. With NORM, the per-head RMSNorm of qk_norm runs first
+# and broadcast over heads. Each head row is loaded as three contiguous pieces, x1 = x[:R/2],
+# x2 = x[R/2:R] and the pass-through x[R:], so every load and store is a wide vector access and
+# the rotate-half partner needs no second load. With NORM the per-head RMSNorm of qk_norm runs first
 # on the row already in registers (qk_norm_rope: one read and one write of q/k instead of two each).
 
 import triton  # noqa: E402
@@ -35,40 +36,54 @@ def _norm_rope_kernel(
     w_ptr,  # norm weight [D] (read only when NORM)
     cos_ptr, sin_ptr, cs_sb, cs_st,  # [B or 1, T, R] fp32, unit stride in R
     y_ptr,  # contiguous [B, T, H, D]
-    T, H, D, R, eps,
+    T, H, D, half, eps,  # half = R / 2
     NORM: tl.constexpr,
+    HAS_PASS: tl.constexpr,  # R < D
     BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
 ):
     pos = tl.program_id(0)
     b = (pos // T).to(tl.int64)
     t = (pos % T).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    dims = tl.arange(0, BLOCK_D)
-    half = R // 2
-    rotary = dims < R
-    partner = tl.where(dims < half, dims + half, dims - half)
     head_ok = (heads < H)[:, None]
-    mask = head_ok & (dims < D)[None, :]
-    pmask = head_ok & rotary[None, :]
+    rot = tl.arange(0, BLOCK_HALF)
+    rot_mask = head_ok & (rot < half)[None, :]
+    rot_cols = rot[None, :]
     row = x_ptr + b * x_sb + t * x_st + heads.to(tl.int64)[:, None] * x_sh
-    x = tl.load(row + dims[None, :], mask=mask, other=0.0).to(tl.float32)
-    xp = tl.load(row + partner[None, :], mask=pmask, other=0.0).to(tl.float32)
+    out_row = y_ptr + ((b * T + t) * H + heads.to(tl.int64)[:, None]) * D
+    x1 = tl.load(row + rot_cols, mask=rot_mask, other=0.0).to(tl.float32)
+    x2 = tl.load(row + half + rot_cols, mask=rot_mask, other=0.0).to(tl.float32)
+    if HAS_PASS:
+        rest = tl.arange(0, BLOCK_PASS)[None, :]
+        rest_mask = head_ok & (rest < D - 2 * half)
+        xp = tl.load(row + 2 * half + rest, mask=rest_mask, other=0.0).to(tl.float32)
     if NORM:
-        # qk_norm's output dtype: rms_norm rounds `normed` to x's dtype, then weight * normed.
+        # qk_norm's output: rms_norm rounds `normed` to x's dtype, then weight * normed.
         norm_ty = x_ptr.dtype.element_ty
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
-        w = tl.load(w_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)
-        wp = tl.load(w_ptr + partner, mask=rotary, other=0.0).to(tl.float32)
-        x = ((x * rstd).to(norm_ty).to(tl.float32) * w[None, :]).to(y_ptr.dtype.element_ty).to(tl.float32)
-        xp = ((xp * rstd).to(norm_ty).to(tl.float32) * wp[None, :]).to(y_ptr.dtype.element_ty).to(tl.float32)
-    cs = b * cs_sb + t * cs_st + dims
-    cos = tl.load(cos_ptr + cs, mask=rotary, other=1.0)[None, :]
-    sin = tl.load(sin_ptr + cs, mask=rotary, other=0.0)[None, :]
-    rotated = tl.where((dims < half)[None, :], -xp, xp)
-    out = tl.where(rotary[None, :], x * cos + rotated * sin, x)
-    out_row = ((b * T + t) * H + heads.to(tl.int64)[:, None]) * D
-    tl.store(y_ptr + out_row + dims[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
+        out_ty = y_ptr.dtype.element_ty
+        sum_sq = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
+        if HAS_PASS:
+            sum_sq += tl.sum(xp * xp, axis=1)
+        rstd = tl.rsqrt(sum_sq / D + eps)[:, None]
+        w1 = tl.load(w_ptr + rot_cols, mask=rot_cols < half, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + half + rot_cols, mask=rot_cols < half, other=0.0).to(tl.float32)
+        x1 = ((x1 * rstd).to(norm_ty).to(tl.float32) * w1).to(out_ty).to(tl.float32)
+        x2 = ((x2 * rstd).to(norm_ty).to(tl.float32) * w2).to(out_ty).to(tl.float32)
+        if HAS_PASS:
+            wp = tl.load(w_ptr + 2 * half + rest, mask=rest < D - 2 * half, other=0.0).to(tl.float32)
+            xp = (xp * rstd).to(norm_ty).to(tl.float32) * wp
+    table = b * cs_sb + t * cs_st + rot_cols
+    table_mask = rot_cols < half
+    cos1 = tl.load(cos_ptr + table, mask=table_mask, other=0.0)
+    cos2 = tl.load(cos_ptr + half + table, mask=table_mask, other=0.0)
+    sin1 = tl.load(sin_ptr + table, mask=table_mask, other=0.0)
+    sin2 = tl.load(sin_ptr + half + table, mask=table_mask, other=0.0)
+    tl.store(out_row + rot_cols, (x1 * cos1 + -x2 * sin1).to(y_ptr.dtype.element_ty), mask=rot_mask)
+    tl.store(out_row + half + rot_cols, (x2 * cos2 + x1 * sin2).to(y_ptr.dtype.element_ty), mask=rot_mask)
+    if HAS_PASS:
+        tl.store(out_row + 2 * half + rest, xp.to(y_ptr.dtype.element_ty), mask=rest_mask)
 
 
 def launch_norm_rope(x, weight, eps, cos, sin) -> torch.Tensor:
@@ -102,18 +117,20 @@ def launch_norm_rope(x, weight, eps, cos, sin) -> torch.Tensor:
         x = x.contiguous()
     if R > 1 and (cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride() != sin.stride()):
         cos, sin = cos.contiguous(), sin.contiguous()
-    block_d = next_pow2(D)
-    block_h = min(next_pow2(H), max(1, 4096 // block_d))
+    block_half, block_pass = next_pow2(R // 2), next_pow2(D - R)
+    block_h = min(next_pow2(H), max(1, 4096 // next_pow2(D)))
     batch_stride = cos.stride(0) if cos.shape[0] > 1 else 0
     _norm_rope_kernel[(B * T, triton.cdiv(H, block_h))](
         x, x.stride(0), x.stride(1), x.stride(2),
         weight.contiguous() if weight is not None else x,
         cos, sin, batch_stride, cos.stride(1),
-        y, T, H, D, R, float(eps),
+        y, T, H, D, R // 2, float(eps),
         NORM=weight is not None,
+        HAS_PASS=R < D,
         BLOCK_H=block_h,
-        BLOCK_D=block_d,
-        num_warps=row_num_warps(block_h * block_d),
+        BLOCK_HALF=block_half,
+        BLOCK_PASS=block_pass,
+        num_warps=row_num_warps(block_h * (2 * block_half + (block_pass if R < D else 0))),
     )
     return y
 
