@@ -543,6 +543,61 @@ def _match_token_confidence(walker: Walker, anchor: int) -> dict | None:
     return {"logits": logits, "confidence": confidence, "token": token}
 
 
+def _match_sampled_confidence(walker: Walker, anchor: int) -> dict | None:
+    """The temperature > 0 form: token = argmax(x32 / T - log(empty_like(x32).exponential_())),
+    confidence = softmax(x32).gather(token)."""
+    g = walker.graph
+    draw = g.nodes[anchor]
+    if draw.op != "aten.exponential_.default" or len(draw.args) != 1 or draw.kwargs.get("lambd", 1.0) != 1.0 \
+            or draw.kwargs.get("generator") is not None:
+        return None
+    walker.taken.append(anchor)
+    buffer = draw.inputs[0]
+    while walker.node(buffer) is not None and walker.node(buffer).op == "aten.detach.default":
+        buffer = walker.take(buffer, "aten.detach.default").inputs[0]
+    empty = walker.take(buffer, "aten.empty_like.default")
+    if empty is None or empty.kwargs.get("dtype") is not None:
+        return None
+    x32 = empty.inputs[0]
+    if walker.dtype(x32) != torch.float32:
+        return None
+    log = walker.sole_user(draw.outputs[0], "aten.log.default")
+    if log is None:
+        return None
+    walker.taken.append(log[0])
+    race = walker.sole_user(log[1].outputs[0], "aten.sub.Tensor")
+    if race is None or getattr(race[1].args[1], "name", None) != log[1].outputs[0] or race[1].kwargs.get("alpha", 1) != 1:
+        return None
+    walker.taken.append(race[0])
+    scaled = walker.take(race[1].args[0].name, "aten.div.Tensor")
+    if scaled is None or scaled.inputs != (x32,) or not is_scalar(scaled.args[1]):
+        return None
+    temperature = scaled.args[1]
+    argmax = walker.sole_user(race[1].outputs[0], "aten.argmax.default")
+    ndim = len(walker.shape(x32))
+    if argmax is None or not last_dim(argmax[1].args[1], ndim) or (len(argmax[1].args) > 2 and argmax[1].args[2]):
+        return None
+    walker.taken.append(argmax[0])
+    token = argmax[1].outputs[0]
+    index = [i for i in walker.users(token) if g.nodes[i].op == "aten.unsqueeze.default"]
+    if len(index) != 1 or not last_dim(g.nodes[index[0]].args[1], ndim):
+        return None
+    walker.taken.append(index[0])
+    gather = walker.sole_user(g.nodes[index[0]].outputs[0], "aten.gather.default")
+    if gather is None or not last_dim(gather[1].args[1], ndim):
+        return None
+    softmax = walker.take(gather[1].args[0].name, "aten._softmax.default")
+    if softmax is None or softmax.inputs != (x32,) or not last_dim(softmax.args[1], ndim) or softmax.args[2]:
+        return None
+    walker.taken.append(gather[0])
+    squeeze = walker.sole_user(gather[1].outputs[0], "aten.squeeze.dim")
+    if squeeze is None or not last_dim(squeeze[1].args[1], ndim):
+        return None
+    walker.taken.append(squeeze[0])
+    return {"logits": walker.uncast(x32, torch.float32), "confidence": squeeze[1].outputs[0], "token": token,
+            "temperature": temperature}
+
+
 def _match_masked_fill(walker: Walker, eq_index: int) -> dict | None:
     """masked = block == mask_id; conf = where(masked, confidence, -inf)."""
     g = walker.graph
@@ -754,6 +809,40 @@ class TokenConfidencePattern(Pattern):
         return token_confidence_bytes(logits)
 
 
+def _fresh_seed(device: torch.device) -> torch.Tensor:
+    """A seed drawn on the device from torch's generator: honours torch.manual_seed, differs per
+    call, and is captured correctly by CUDA graphs (no host round trip)."""
+    return torch.randint(0, 2**62, (), device=device, dtype=torch.int64)
+
+
+class SampledTokenConfidencePattern(Pattern):
+    """token_confidence at temperature > 0; the exponential race is drawn in-kernel (tl.rand) from a
+    seed drawn with torch's generator, so tokens follow the same distribution, not the same bits."""
+
+    name = "sampled_token_confidence"
+    priority = 10
+
+    def match(self, graph):
+        matches = []
+        for i, node in enumerate(graph.nodes):
+            if node.op == "aten.exponential_.default":
+                walker = Walker(graph)
+                hit = _match_sampled_confidence(walker, i)
+                if hit and walker.closed([hit["confidence"], hit["token"]]):
+                    matches.append(walker.match(self.name, (hit["logits"],), (hit["confidence"], hit["token"]),
+                                                temperature=hit["temperature"]))
+        return no_overlap(matches)
+
+    def reference(self, logits, temperature):
+        return token_confidence(logits, temperature)
+
+    def kernel(self, logits, temperature):
+        return fused_token_confidence(logits, temperature, seed=_fresh_seed(logits.device))
+
+    def bytes_moved(self, logits, temperature=1.0):
+        return token_confidence_bytes(logits)
+
+
 def _threshold_call(fn, inputs, mask_id, threshold):
     """inputs end with the threshold tensor when the graph compared against one."""
     if threshold is None:
@@ -873,5 +962,6 @@ class ConfidenceTopKSelectPattern(Pattern):
 
 
 for _pattern in (ConfidenceThresholdSelectPattern, ConfidenceTopKSelectPattern, TokenConfidencePattern,
+                 SampledTokenConfidencePattern,
                  ThresholdSelectPattern, TopKSelectPattern):
     register(_pattern())

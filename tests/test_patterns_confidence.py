@@ -6,6 +6,7 @@ from difuse.fusion.record import record
 from difuse.patterns.confidence import (
     ConfidenceThresholdSelectPattern,
     ConfidenceTopKSelectPattern,
+    SampledTokenConfidencePattern,
     ThresholdSelectPattern,
     TokenConfidencePattern,
     TopKSelectPattern,
@@ -315,6 +316,30 @@ def test_topk_select_matcher_alone(device):
     ref = topk_select(conf, token, ref_block, MASK_ID, k)
     accept, _ = TopKSelectPattern().kernel(conf, token, fused_block, k, mask_id=MASK_ID)
     assert torch.equal(accept, ref) and torch.equal(fused_block, ref_block)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_confidence_matchers(device, dtype):
+    logits = untied_logits((2, 3, 200), device, dtype)
+    greedy = record(token_confidence, logits)
+    match, = TokenConfidencePattern().match(greedy)
+    assert match.nodes == tuple(range(len(greedy.nodes))) and SampledTokenConfidencePattern().match(greedy) == []
+    conf, token = TokenConfidencePattern().kernel(logits)
+    ref_conf, ref_token = greedy.execute(logits)
+    assert torch.equal(token, ref_token)
+    torch.testing.assert_close(conf, ref_conf)
+
+    sampled = record(token_confidence, logits, 0.7)
+    match, = SampledTokenConfidencePattern().match(sampled)
+    assert match.nodes == tuple(range(len(sampled.nodes))) and TokenConfidencePattern().match(sampled) == []
+    assert match.params == {"temperature": 0.7}
+    torch.manual_seed(5)
+    conf, token = SampledTokenConfidencePattern().kernel(logits, **match.params)
+    torch.manual_seed(5)
+    assert torch.equal(SampledTokenConfidencePattern().kernel(logits, **match.params)[1], token)  # seeded by torch
+    probs = torch.softmax(logits.float(), dim=-1)
+    torch.testing.assert_close(conf, probs.gather(-1, token.unsqueeze(-1)).squeeze(-1))
 
 
 @pytest.mark.cuda
