@@ -821,6 +821,7 @@ class SampledTokenConfidencePattern(Pattern):
 
     name = "sampled_token_confidence"
     priority = 10
+    stochastic = True  # kernel and reference draw different noise: compare distributions, not values
 
     def match(self, graph):
         matches = []
