@@ -39,9 +39,6 @@ class Walker:
             self.taken.append(index)
         return self.graph.nodes[index]
 
-    def meta(self, value: str):
-        return self.graph.meta[value]
-
     def dtype(self, value: str) -> torch.dtype:
         return self.graph.meta[value].dtype
 
@@ -68,9 +65,6 @@ class Walker:
         self.take(value, CAST)
         return node.inputs[0]
 
-    def operands(self, node: OpNode) -> list[Any]:
-        return [a for a in node.args]
-
     def other_operand(self, node: OpNode, known: str) -> Any:
         """For a binary op with `known` as one operand, the other one (commutative ops only swap)."""
         a, b = node.args[0], node.args[1]
@@ -93,12 +87,6 @@ class Walker:
                 if value in graph_outputs or any(u not in taken for u in self.graph.users(value)):
                     return False
         return True
-
-    def escaping(self, candidates: Iterable[str]) -> list[str]:
-        taken = set(self.taken)
-        graph_outputs = set(self.graph.outputs)
-        return [v for v in candidates
-                if v in graph_outputs or any(u not in taken for u in self.graph.users(v))]
 
     def match(self, pattern: str, inputs: Iterable[str], outputs: Iterable[str], **params) -> Match:
         return Match(pattern, tuple(sorted(self.taken)), tuple(inputs), tuple(outputs), params)

@@ -69,7 +69,7 @@ import triton.language as tl  # noqa: E402
 
 from difuse.patterns._rows import check_float, check_runtime_device, check_same_device, row_view, sm_count  # noqa: E402
 
-_NO_INDEX = 2**31 - 1
+_NO_INDEX = tl.constexpr(2**31 - 1)  # "no token yet"; also bounds the vocabulary (int32 indices)
 _SELECT_NONE, _SELECT_THRESHOLD, _SELECT_TOPK = 0, 1, 2
 _TOPK_MAX_BLOCK = 256  # top-k ranks by an [N, N] comparison held in registers
 
@@ -91,14 +91,15 @@ def _vocab_pass_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
+    if SEED_FROM_PTR:
+        rng_seed = tl.load(seed)
+    else:
+        rng_seed = seed
     active = True
     if MASKED_ONLY:
         active = tl.load(block_ptr + (row // b_inner) * b_so + (row % b_inner) * b_si) == mask_id
     if active:
         row_ptr = logits_ptr + (row // l_inner) * l_so + (row % l_inner) * l_si
-        if SAMPLE:
-            if SEED_FROM_PTR:
-                seed = tl.load(seed)
         lanes = tl.arange(0, BLOCK_V)
         m = tl.full((BLOCK_V,), float("-inf"), tl.float32)
         s = tl.zeros((BLOCK_V,), tl.float32)
@@ -106,7 +107,7 @@ def _vocab_pass_kernel(
         best_k = tl.full((BLOCK_V,), float("-inf"), tl.float32)
         best_l = tl.full((BLOCK_V,), float("-inf"), tl.float32)
         start = split * chunk
-        for offset in range(0, chunk, BLOCK_V):
+        for offset in tl.range(0, chunk, BLOCK_V, num_stages=3):
             cols = start + offset + lanes
             x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, x)
@@ -115,7 +116,7 @@ def _vocab_pass_kernel(
             larger = x > m
             s = tl.where(larger, s * e + 1.0, s + e)
             if SAMPLE:
-                u = tl.rand(seed, row * V + cols)
+                u = tl.rand(rng_seed, row * V + cols)
                 key = x / temperature - tl.log(-tl.log(u))
                 take = key > best_k
                 best_k = tl.where(take, key, best_k)
@@ -233,7 +234,7 @@ def _check_logits(logits: torch.Tensor) -> None:
     check_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must be [..., V] with V >= 1, got {tuple(logits.shape)}")
-    if logits.shape[-1] >= _NO_INDEX:
+    if logits.shape[-1] >= _NO_INDEX.value:
         raise ValueError(f"vocabulary of {logits.shape[-1]} entries exceeds the int32 token index range")
     check_runtime_device(logits)
 
@@ -566,7 +567,8 @@ def _match_sampled_confidence(walker: Walker, anchor: int) -> dict | None:
         return None
     walker.taken.append(log[0])
     race = walker.sole_user(log[1].outputs[0], "aten.sub.Tensor")
-    if race is None or getattr(race[1].args[1], "name", None) != log[1].outputs[0] or race[1].kwargs.get("alpha", 1) != 1:
+    if race is None or getattr(race[1].args[1], "name", None) != log[1].outputs[0] \
+            or race[1].kwargs.get("alpha", 1) != 1:
         return None
     walker.taken.append(race[0])
     scaled = walker.take(race[1].args[0].name, "aten.div.Tensor")
@@ -628,7 +630,6 @@ def _match_masked_fill(walker: Walker, eq_index: int) -> dict | None:
 
 def _match_write_back(walker: Walker, accept: str, block: str) -> dict | None:
     """block.copy_(where(accept, token, block))."""
-    g = walker.graph
     where = walker.sole_user(accept, "aten.where.self")
     if where is None or getattr(where[1].args[2], "name", None) != block:
         return None

@@ -113,7 +113,8 @@ def launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torc
         check_same_device(x=x, weight=weight)
     check_runtime_device(x)
     if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"weight must be [N] with N = x.shape[-1]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+        raise ValueError(f"weight must be [N] with N = x.shape[-1]; got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
     eps = _check_eps(eps)
     N = x.shape[-1]
     norm_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)

@@ -28,20 +28,20 @@ from difuse.patterns._rows import check_float, check_runtime_device, check_same_
 def _swiglu_kernel(
     g_ptr, g_inner, g_so, g_si,
     u_ptr, u_inner, u_so, u_si,
-    y_ptr,  # contiguous [rows, I]
-    I, col_blocks,
+    y_ptr,  # contiguous [rows, width]
+    width, col_blocks,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = (pid // col_blocks).to(tl.int64)
     cols = (pid % col_blocks) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < I
+    mask = cols < width
     g_row = (row // g_inner) * g_so + (row % g_inner) * g_si
     u_row = (row // u_inner) * u_so + (row % u_inner) * u_si
     g = tl.load(g_ptr + g_row + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + u_row + cols, mask=mask, other=0.0).to(tl.float32)
     act = (g * tl.sigmoid(g)).to(g_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + row * I + cols, (act * u).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row * width + cols, (act * u).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _swiglu_block(width: int) -> tuple[int, int]:
