@@ -413,7 +413,7 @@ def fused_token_confidence(logits: torch.Tensor, temperature: float = 0.0, seed=
     lead = logits.shape[:-1]
     view_rows = logits.numel() // logits.shape[-1]
     splits, block_v, _ = plan_vocab_pass(view_rows, logits.shape[-1], logits.device, splits, block_v)
-    if splits == 1:
+    if splits == 1 or view_rows == 0:
         conf, token = _vocab_pass(logits, None, 0, temperature, seed, 1, block_v, final=True)
         return conf.view(lead), token.view(lead)
     partials, splits = _vocab_pass(logits, None, 0, temperature, seed, splits, block_v, final=False)
