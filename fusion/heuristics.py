@@ -167,8 +167,10 @@ class FusionHeuristics:
             self._decisions[key] = d
             return d
         if mode == "graph":
-            first = make_inputs(True)
-            sets = [first] + [make_inputs(True) for _ in range(rotation_copies(_footprint(first), device) - 1)]
+            first = make_inputs(False)
+            copies = rotation_copies(_footprint(first), device)
+            # inputs larger than twice the L2 cache evict themselves: one set, no clone
+            sets = [first] if copies == 1 else [make_inputs(True) for _ in range(copies)]
             try:
                 t_fused = time_in_cuda_graph([partial(fused, s) for s in sets])
             except Exception as e:  # the runtime replays steps in CUDA graphs: such a kernel cannot run there
