@@ -340,7 +340,7 @@ class FusionScheduler:
         written = {n for i in g.nodes for n in graph.nodes[i].mutates}
 
         def make_inputs(distinct: bool = False) -> list:
-            return [values[n].clone() if distinct or n in written else values[n] for n in g.inputs]
+            return [_replica(values[n]) if distinct or n in written else values[n] for n in g.inputs]
 
         if g.kind == "pattern":
             params = self._pattern_params(g, args, graph)
@@ -589,6 +589,16 @@ class FusionScheduler:
 def _tensor_signature(graph: SubGraph, args: tuple) -> tuple:
     return tuple((pos, tuple(a.shape), str(a.dtype), tuple(a.stride())) if isinstance(a, torch.Tensor)
                  else (pos, type(a).__name__) for pos, a in enumerate(args))
+
+
+def _replica(t: torch.Tensor) -> torch.Tensor:
+    """A copy with t's sizes, strides and storage offset (in fresh storage of the same size):
+    compiled launchers bake strides in, and Triton specialises on pointer alignment, so a plain
+    .clone() of a view with gaps would be read with the wrong layout."""
+    storage = torch.empty(t.untyped_storage().nbytes() // t.element_size(), dtype=t.dtype, device=t.device)
+    copy = storage.as_strided(t.size(), t.stride(), t.storage_offset())
+    copy.copy_(t)
+    return copy
 
 
 def _shape_bucket(graph: SubGraph, inputs: list[str]) -> str:
