@@ -12,6 +12,7 @@ copies to exceed the L2 cache, so neither candidate is timed on L2-resident data
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -76,9 +77,18 @@ def time_in_cuda_graph(calls: list[Callable[[], object]], min_calls: int = 32, r
     torch.cuda.synchronize()
     n = len(calls) * math.ceil(min_calls / len(calls))
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for k in range(n):
-            calls[k % len(calls)]()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # (torch.cuda.graph would leave its stream current if capture failed)
+        graph.capture_begin()
+        try:
+            for k in range(n):
+                calls[k % len(calls)]()
+        except Exception:
+            with contextlib.suppress(RuntimeError):  # the capture is invalid now; the first error says why
+                graph.capture_end()
+            raise
+        graph.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
     graph.replay()
     samples = []
     for _ in range(replays):
