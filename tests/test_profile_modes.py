@@ -163,3 +163,18 @@ def test_input_replicas_keep_the_layout_of_views():
     copy = _replica(view)
     assert copy.stride() == view.stride() and copy.storage_offset() == view.storage_offset()
     assert torch.equal(copy, view) and copy.untyped_storage().data_ptr() != view.untyped_storage().data_ptr()
+
+
+@pytest.mark.gpu
+def test_sampled_confidence_passes_debug_validation_in_the_scheduler(device, tmp_path):
+    from difuse.patterns.confidence import SampledTokenConfidencePattern, token_confidence
+
+    logits = torch.randn(3, 40, device=device)
+    graph = record(token_confidence, logits, 0.7)
+    scheduler = _pick_scheduler(tmp_path, SampledTokenConfidencePattern(), profile=True, fusion_ratio=1e5)
+    scheduler.dispatch(graph, logits, 0.7)
+    [group] = scheduler.report().groups
+    assert group.name == "sampled_token_confidence" and group.decision
+    confidence, token = scheduler.dispatch(graph, logits, 0.7)
+    assert confidence.shape == token.shape == (3,) and bool(((confidence > 0) & (confidence <= 1 + 1e-5)).all())
+    assert 0 <= int(token.min()) and int(token.max()) < 40
