@@ -13,6 +13,7 @@ copies to exceed the L2 cache, so neither candidate is timed on L2-resident data
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import statistics
 import time
@@ -25,6 +26,8 @@ import torch
 from .cache import KernelCache
 from .config import FusionConfig
 from .ir import SubGraph
+
+log = logging.getLogger("difuse.fusion")
 
 
 @dataclass
@@ -186,9 +189,13 @@ class FusionHeuristics:
             except Exception as e:  # the runtime replays steps in CUDA graphs: such a kernel cannot run there
                 return Decision(False, f"fused kernel cannot be captured in a CUDA graph: {e}", source="profiled",
                                 mode=mode)
-            t_fallback = time_in_cuda_graph([partial(fallback, s) for s in sets])
+            try:
+                t_fallback = time_in_cuda_graph([partial(fallback, s) for s in sets])
+            except Exception as e:  # the step cannot be graphed anyway: compare what it will pay, eager launches
+                log.warning("unfused ops of %s cannot be captured in a CUDA graph (%s): timing eagerly", key, e)
+                mode = "eager"
             del sets, first
-        else:
+        if mode == "eager":
             t_fused = time_callable(lambda: fused(make_inputs(False)), device)
             t_fallback = time_callable(lambda: fallback(make_inputs(False)), device)
         ratio = self.config.fusion_ratio
