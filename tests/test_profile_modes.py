@@ -1,9 +1,14 @@
 """Profile timing modes (CUDA graph vs Python launches) and stochastic-pattern validation."""
 import pytest
 import torch
-
-from difuse.fusion import FusionConfig, FusionScheduler, Match, Pattern, record
-from difuse.fusion import heuristics
+from difuse.fusion import (
+    FusionConfig,
+    FusionScheduler,
+    Match,
+    Pattern,
+    heuristics,
+    record,
+)
 from difuse.patterns.rms_norm import rms_norm
 
 
@@ -167,7 +172,10 @@ def test_input_replicas_keep_the_layout_of_views():
 
 @pytest.mark.gpu
 def test_sampled_confidence_passes_debug_validation_in_the_scheduler(device, tmp_path):
-    from difuse.patterns.confidence import SampledTokenConfidencePattern, token_confidence
+    from difuse.patterns.confidence import (
+        SampledTokenConfidencePattern,
+        token_confidence,
+    )
 
     logits = torch.randn(3, 40, device=device)
     graph = record(token_confidence, logits, 0.7)
