@@ -156,7 +156,7 @@ def _select_kernel(
     block_ptr, b_sb, b_sn, mask_id,  # [B, N] block, written in place
     threshold, k,  # acceptance parameters (scalars or pointers, see *_FROM_PTR)
     accept_ptr,  # [B, N] bool output
-    out_conf_ptr, out_token_ptr,  # [B * N] outputs (MODE == none)
+    out_conf_ptr, out_token_ptr,  # [B * N] outputs (MODE == none); out_conf_ptr: scratch (top-k)
     N, n_rows,
     SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -212,6 +212,13 @@ def _select_kernel(
         else:
             if K_FROM_PTR:
                 k = tl.load(k + b)
+            if FROM_PARTIALS:
+                # The GPU compiler may fold the partials twice, once per layout of conf[:, None] and
+                # conf[None, :], summing in different orders: a position could then rank behind
+                # itself. Comparing two loads of one stored copy keeps the ranks a permutation.
+                tl.store(out_conf_ptr + rows, conf, mask=n_ok)
+                tl.debug_barrier()
+                conf = tl.load(out_conf_ptr + rows, mask=n_ok, other=float("-inf"))
             # Stable descending rank: positions before i that are larger, or equal and earlier.
             c_i = conf[:, None]
             c_j = conf[None, :]
@@ -378,14 +385,18 @@ def _launch_select(block, mask_id, mode, threshold=0.0, k=0, partials=None, spli
     if partials is None:
         partials = (conf,) * 5
         given = (conf, conf.stride(0), conf.stride(1), token, token.stride(0), token.stride(1))
+        folded = accept
     else:
         given = (block, 0, 0, block, 0, 0)
+        # the top-k rank compares the folded confidences through this scratch copy
+        folded = torch.empty(rb.batch * rb.n, dtype=torch.float32, device=device) if mode == _SELECT_TOPK \
+            else accept
     _select_kernel[(rb.batch,)](
         *partials,
         *given,
         block, rb.stride_b, rb.stride_n, mask_id,
         threshold, k,
-        accept, accept, accept,
+        accept, folded, accept,
         rb.n, rb.batch * rb.n,
         SPLITS=splits,
         BLOCK_N=triton.next_power_of_2(rb.n),
