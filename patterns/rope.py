@@ -27,7 +27,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from difuse.patterns._rows import check_float, check_runtime_device, check_same_device, next_pow2, row_num_warps  # noqa: E402
+from difuse.patterns._rows import (  # noqa: E402
+    PlanCache,
+    cdiv,
+    check_float,
+    check_runtime_device,
+    check_same_device,
+    next_pow2,
+    row_num_warps,
+    tensor_key,
+)
 
 
 @triton.jit
@@ -86,8 +95,8 @@ def _norm_rope_kernel(
         tl.store(out_row + 2 * half + rest, xp.to(y_ptr.dtype.element_ty), mask=rest_mask)
 
 
-def launch_norm_rope(x, weight, eps, cos, sin) -> torch.Tensor:
-    """x [B, T, H, D]; weight [D] or None (no norm); cos, sin [B or 1, T, R] fp32."""
+def _plan_norm_rope(x, weight, cos, sin) -> tuple:
+    """Validate once per (shapes, strides, dtypes, device) and fix everything the launch needs."""
     check_float("x", x)
     if x.dim() != 4:
         raise ValueError(f"x must be [B, T, H, D], got shape {tuple(x.shape)}")
@@ -110,27 +119,50 @@ def launch_norm_rope(x, weight, eps, cos, sin) -> torch.Tensor:
         out_dtype = torch.promote_types(x.dtype, weight.dtype)
     check_same_device(x=x, cos=cos, sin=sin, weight=weight)
     check_runtime_device(x)
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    if y.numel() == 0:
-        return y
-    if D > 1 and x.stride(-1) != 1:
-        x = x.contiguous()
-    if R > 1 and (cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride() != sin.stride()):
-        cos, sin = cos.contiguous(), sin.contiguous()
+    if x.numel() == 0:
+        return out_dtype, None
+    x_copy = D > 1 and x.stride(-1) != 1
+    x_strides = torch.empty_like(x, memory_format=torch.contiguous_format).stride() if x_copy else x.stride()
+    rope_copy = R > 1 and (cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride() != sin.stride())
+    cos_strides = cos.contiguous().stride() if rope_copy else cos.stride()
     block_half, block_pass = next_pow2(R // 2), next_pow2(D - R)
     block_h = min(next_pow2(H), max(1, 4096 // next_pow2(D)))
-    batch_stride = cos.stride(0) if cos.shape[0] > 1 else 0
-    _norm_rope_kernel[(B * T, triton.cdiv(H, block_h))](
-        x, x.stride(0), x.stride(1), x.stride(2),
-        weight.contiguous() if weight is not None else x,
-        cos, sin, batch_stride, cos.stride(1),
-        y, T, H, D, R // 2, float(eps),
-        NORM=weight is not None,
-        HAS_PASS=R < D,
-        BLOCK_H=block_h,
-        BLOCK_HALF=block_half,
-        BLOCK_PASS=block_pass,
-        num_warps=row_num_warps(block_h * (2 * block_half + (block_pass if R < D else 0))),
+    launch = dict(
+        x_copy=x_copy, rope_copy=rope_copy, weight_copy=weight is not None and not weight.is_contiguous(),
+        grid=(B * T, cdiv(H, block_h)), x_strides=x_strides[:3],
+        rope_strides=(cos_strides[0] if cos.shape[0] > 1 else 0, cos_strides[1]), sizes=(T, H, D, R // 2),
+        constants=dict(NORM=weight is not None, HAS_PASS=R < D, BLOCK_H=block_h, BLOCK_HALF=block_half,
+                       BLOCK_PASS=block_pass,
+                       num_warps=row_num_warps(block_h * (2 * block_half + (block_pass if R < D else 0)))),
+    )
+    return out_dtype, launch
+
+
+_PLANS = PlanCache()
+
+
+def launch_norm_rope(x, weight, eps, cos, sin) -> torch.Tensor:
+    """x [B, T, H, D]; weight [D] or None (no norm); cos, sin [B or 1, T, R] fp32."""
+    if not isinstance(x, torch.Tensor) or not isinstance(cos, torch.Tensor) or not isinstance(sin, torch.Tensor) \
+            or not (weight is None or isinstance(weight, torch.Tensor)):
+        return _plan_norm_rope(x, weight, cos, sin)  # raises the type error
+    key = (tensor_key(x), tensor_key(weight), tensor_key(cos), tensor_key(sin))
+    out_dtype, plan = _PLANS.get(key, lambda: _plan_norm_rope(x, weight, cos, sin))
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if plan is None:
+        return y
+    if plan["x_copy"]:
+        x = x.contiguous()
+    if plan["rope_copy"]:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    if weight is not None and plan["weight_copy"]:
+        weight = weight.contiguous()
+    _norm_rope_kernel[plan["grid"]](
+        x, *plan["x_strides"],
+        weight if weight is not None else x,
+        cos, sin, *plan["rope_strides"],
+        y, *plan["sizes"], float(eps),
+        **plan["constants"],
     )
     return y
 
