@@ -67,7 +67,17 @@ def topk_select(confidence, token, block, mask_id: int, k: torch.Tensor):
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from difuse.patterns._rows import check_float, check_runtime_device, check_same_device, row_view, sm_count  # noqa: E402
+import functools  # noqa: E402
+
+from difuse.patterns._rows import (  # noqa: E402
+    cdiv,
+    check_float,
+    check_runtime_device,
+    check_same_device,
+    next_pow2,
+    row_view,
+    sm_count,
+)
 
 _NO_INDEX = tl.constexpr(2**31 - 1)  # "no token yet"; also bounds the vocabulary (int32 indices)
 _SELECT_NONE, _SELECT_THRESHOLD, _SELECT_TOPK = 0, 1, 2
@@ -266,23 +276,25 @@ def _seed_arg(seed, device: torch.device):
 def choose_splits(rows: int, vocab: int, device: torch.device, block_v: int = _SPLIT_BLOCK_V) -> int:
     """Vocabulary splits per row: aim at ~4 programs per SM (32 rows x 1 program would leave most
     of an H100's 132 SMs idle), at least two BLOCK_V tiles per split."""
-    wanted = triton.cdiv(4 * sm_count(device), max(rows, 1))
+    wanted = cdiv(4 * sm_count(device), max(rows, 1))
     return max(1, min(wanted, vocab // (2 * block_v)))
 
 
+@functools.lru_cache(maxsize=4096)
 def plan_vocab_pass(rows: int, vocab: int, device: torch.device, splits: int | None = None,
                     block_v: int | None = None) -> tuple[int, int, int]:
     """(splits, block_v, chunk): one pass with 4096-wide tiles when the rows fill the GPU, else
-    2048-wide tiles (finer splits, e.g. 32 x 126464 -> 16 splits of 8192 columns per row)."""
+    2048-wide tiles (finer splits, e.g. 32 x 126464 -> 16 splits of 8192 columns per row).
+    Cached: the wrappers plan every call."""
     if block_v is None:
         wide = splits == 1 or (splits is None and choose_splits(rows, vocab, device) == 1)
-        block_v = min(_DEFAULT_BLOCK_V if wide else _SPLIT_BLOCK_V, triton.next_power_of_2(vocab))
+        block_v = min(_DEFAULT_BLOCK_V if wide else _SPLIT_BLOCK_V, next_pow2(vocab))
     if splits is None:
         splits = choose_splits(rows, vocab, device, block_v)
     if splits < 1 or block_v < 1 or block_v & (block_v - 1):
         raise ValueError(f"splits must be >= 1 and block_v a power of two, got {splits}, {block_v}")
-    chunk = triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
-    return triton.cdiv(vocab, chunk), block_v, chunk
+    chunk = cdiv(cdiv(vocab, splits), block_v) * block_v
+    return cdiv(vocab, chunk), block_v, chunk
 
 
 def _vocab_pass(logits, block, mask_id, temperature, seed, splits, block_v, final):
@@ -399,8 +411,8 @@ def _launch_select(block, mask_id, mode, threshold=0.0, k=0, partials=None, spli
         accept, folded, accept,
         rb.n, rb.batch * rb.n,
         SPLITS=splits,
-        BLOCK_N=triton.next_power_of_2(rb.n),
-        BLOCK_S=triton.next_power_of_2(splits),
+        BLOCK_N=next_pow2(rb.n),
+        BLOCK_S=next_pow2(splits),
         FROM_PARTIALS=conf is None,
         SAMPLE=sample,
         MODE=mode,
@@ -431,14 +443,14 @@ def fused_token_confidence(logits: torch.Tensor, temperature: float = 0.0, seed=
     conf = torch.empty(view_rows, dtype=torch.float32, device=logits.device)
     token = torch.empty(view_rows, dtype=torch.int64, device=logits.device)
     group = 32
-    _select_kernel[(triton.cdiv(view_rows, group),)](
+    _select_kernel[(cdiv(view_rows, group),)](
         *partials,
         conf, 0, 0, token, 0, 0,
         token, 0, 0, 0,
         0.0, 0,
         conf, conf, token,
         group, view_rows,
-        SPLITS=splits, BLOCK_N=group, BLOCK_S=triton.next_power_of_2(splits),
+        SPLITS=splits, BLOCK_N=group, BLOCK_S=next_pow2(splits),
         FROM_PARTIALS=True, SAMPLE=temperature > 0, MODE=_SELECT_NONE,
         THRESHOLD_FROM_PTR=False, K_FROM_PTR=False,
         num_warps=4,

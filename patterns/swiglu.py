@@ -21,7 +21,7 @@ def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from difuse.patterns._rows import check_float, check_runtime_device, check_same_device, row_view  # noqa: E402
+from difuse.patterns._rows import cdiv, check_float, check_runtime_device, check_same_device, next_pow2, row_view  # noqa: E402
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def _swiglu_kernel(
 
 def _swiglu_block(width: int) -> tuple[int, int]:
     """(BLOCK, num_warps): 2k-4k values per program so each thread issues 16-byte loads."""
-    block = min(4096, triton.next_power_of_2(max(width, 1)))
+    block = min(4096, next_pow2(width))
     return block, max(1, min(8, block // 512))
 
 
@@ -58,7 +58,7 @@ def _launch_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return y
     gv, uv = row_view(gate), row_view(up)
     block, num_warps = _swiglu_block(width)
-    col_blocks = triton.cdiv(width, block)
+    col_blocks = cdiv(width, block)
     _swiglu_kernel[(gv.rows * col_blocks,)](
         gv.tensor, gv.inner, gv.stride_outer, gv.stride_inner,
         uv.tensor, uv.inner, uv.stride_outer, uv.stride_inner,
