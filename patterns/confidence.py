@@ -338,7 +338,7 @@ def _vocab_pass(logits, block, mask_id, temperature, seed, splits, block_v, fina
             SAMPLE=sample,
             SEED_FROM_PTR=seed_from_ptr,
             FINAL=final,
-            num_warps=8 if block_v >= 4096 else 4,
+            num_warps=16 if block_v >= 8192 else 8 if block_v >= 4096 else 4,
         )
     if final:
         return conf, token

@@ -61,6 +61,7 @@ def _launches() -> list:
         confidence.confidence_topk_select(logits, block, 7, torch.tensor([1, 2]), splits=splits)
         confidence.confidence_topk_select(logits, block, 7, 2, splits=splits)
         confidence.confidence_topk_select(logits, block, 7, 2, 0.7, 5, splits=splits)
+    confidence.fused_token_confidence(torch.randn(2, 20000, dtype=dt), splits=1, block_v=8192)  # 16 warps
     conf, token = torch.rand(2, 4), torch.randint(0, 9, (2, 4))
     confidence.fused_threshold_select(conf, token, block, 7, 0.5)
     confidence.fused_topk_select(conf, token, block, 7, 2)
