@@ -17,6 +17,7 @@ import argparse
 import csv
 import datetime
 import json
+import math
 import re
 import statistics
 import time
@@ -250,8 +251,8 @@ def run(quick: bool, compile_baseline: bool, only: list[str] | None) -> list[dic
             if device == "cuda":
                 us, us_graph, us_host = _time_cuda(fn, sets)
             else:
-                us, us_graph, us_host = _time_cpu(lambda: fn(*case.args), 3), float("nan"), float("nan")
-            best = us if us_graph != us_graph else min(us, us_graph)
+                us, us_graph, us_host = _time_cpu(lambda fn=fn, args=case.args: fn(*args), 3), float("nan"), float("nan")
+            best = us if math.isnan(us_graph) else min(us, us_graph)
             row = {"pattern": case.pattern, "shape": case.shape, "provider": provider, "us": round(us, 2),
                    "us_graph": round(us_graph, 2), "us_host": round(us_host, 2), "us_best": round(best, 2),
                    "bytes": case.bytes_moved, "gbs": round(case.bytes_moved / best / 1e3, 1),

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
             plan = confidence.plan_vocab_pass(rows, vocab, logits.device, splits, block_v)
             mark = "*" if plan == default else " "
 
-            def step(splits=splits, block_v=block_v):
+            def step(splits=splits, block_v=block_v, sets=sets, vocab=vocab):
                 for lg, bl in sets:
                     confidence.confidence_threshold_select(lg.view(*bl.shape, vocab), bl, 7, 0.9,
                                                            splits=splits, block_v=block_v)
