@@ -266,7 +266,7 @@ def run(quick: bool, compile_baseline: bool, only: list[str] | None) -> list[dic
         ratios = "  ".join(f"vs {r['provider']} {r['us_best'] / fused_us:.2f}x" for r in rows[-len(providers) + 1:])
         print(f"{'':28s} {'':14s} fused speed-up {ratios}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"kernels-{slug}"
+    stem = RESULTS / (f"kernels-{slug}" + ("-" + "-".join(only) if only else ""))  # partial runs do not clobber
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
