@@ -87,6 +87,28 @@ _SELECT_NONE, _SELECT_THRESHOLD, _SELECT_TOPK = 0, 1, 2
 _TOPK_MAX_BLOCK = 256  # top-k ranks by an [N, N] comparison held in registers
 
 
+_LOWEST = tl.constexpr(-3.4028234663852886e38)  # lowest finite float32
+
+
+@triton.jit
+def _online_step(x, cols, m, s, best_i, best_k, best_l, row, V, temperature, rng_seed, SAMPLE: tl.constexpr):
+    """Fold one tile x (fp32, -inf where masked) into the per-lane running state."""
+    m_new = tl.maximum(m, x)
+    e = tl.exp(tl.minimum(m, x) - m_new)  # one exp rescales whichever side is smaller
+    larger = x > m
+    s = tl.where(larger, s * e + 1.0, s + e)
+    if SAMPLE:
+        u = tl.rand(rng_seed, row * V + cols)
+        key = x / temperature - tl.log(-tl.log(u))
+        take = key > best_k
+        best_k = tl.where(take, key, best_k)
+        best_i = tl.where(take, cols, best_i)
+        best_l = tl.where(take, x, best_l)
+    else:
+        best_i = tl.where(larger, cols, best_i)
+    return m_new, s, best_i, best_k, best_l
+
+
 @triton.jit(do_not_specialize=["mask_id", "seed"])
 def _vocab_pass_kernel(
     logits_ptr, l_inner, l_so, l_si, V,
@@ -114,33 +136,29 @@ def _vocab_pass_kernel(
     if active:
         row_ptr = logits_ptr + (row // l_inner) * l_so + (row % l_inner) * l_si
         lanes = tl.arange(0, BLOCK_V)
-        m = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+        # The running max starts at the lowest finite float, not -inf: exp(min - max) then never
+        # sees -inf - -inf, so the loop needs no NaN guard (a lane that saw only -inf keeps s = 0).
+        m = tl.full((BLOCK_V,), _LOWEST, tl.float32)
         s = tl.zeros((BLOCK_V,), tl.float32)
         best_i = tl.full((BLOCK_V,), _NO_INDEX, tl.int32)
         best_k = tl.full((BLOCK_V,), float("-inf"), tl.float32)
         best_l = tl.full((BLOCK_V,), float("-inf"), tl.float32)
         start = split * chunk
-        for offset in tl.range(0, chunk, BLOCK_V, num_stages=3):
+        # Whole tiles load without a mask; the split's last, partial tile (if any) with one.
+        end = tl.minimum(chunk, V - start)
+        full = end - end % BLOCK_V
+        for offset in tl.range(0, full, BLOCK_V, num_stages=3):
+            cols = start + offset + lanes
+            x = tl.load(row_ptr + cols).to(tl.float32)
+            m, s, best_i, best_k, best_l = _online_step(x, cols, m, s, best_i, best_k, best_l, row, V,
+                                                        temperature, rng_seed, SAMPLE)
+        for offset in range(full, end, BLOCK_V):
             cols = start + offset + lanes
             x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, x)
-            # Where both are -inf, subtract 0 instead: exp(-inf) = 0, no NaN.
-            e = tl.exp(tl.minimum(m, x) - tl.where(m_new == float("-inf"), 0.0, m_new))
-            larger = x > m
-            s = tl.where(larger, s * e + 1.0, s + e)
-            if SAMPLE:
-                u = tl.rand(rng_seed, row * V + cols)
-                key = x / temperature - tl.log(-tl.log(u))
-                take = key > best_k
-                best_k = tl.where(take, key, best_k)
-                best_i = tl.where(take, cols, best_i)
-                best_l = tl.where(take, x, best_l)
-            else:
-                best_i = tl.where(larger, cols, best_i)
-            m = m_new
+            m, s, best_i, best_k, best_l = _online_step(x, cols, m, s, best_i, best_k, best_l, row, V,
+                                                        temperature, rng_seed, SAMPLE)
         row_max = tl.max(m, axis=0)
-        # Lanes (or a whole split) that saw only -inf have s = 0: rescale against 0, not -inf.
-        row_sum = tl.sum(s * tl.exp(m - tl.where(row_max == float("-inf"), 0.0, row_max)), axis=0)
+        row_sum = tl.sum(s * tl.exp(m - row_max), axis=0)  # a lane that saw only -inf adds 0
         if SAMPLE:
             key_max = tl.max(best_k, axis=0)
             index = tl.min(tl.where(best_k == key_max, best_i, _NO_INDEX), axis=0)
