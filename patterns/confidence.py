@@ -67,11 +67,46 @@ def topk_select(confidence, token, block, mask_id: int, k: torch.Tensor):
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from difuse.patterns._rows import check_float, check_runtime_device, check_same_device, row_view, sm_count  # noqa: E402
+import functools  # noqa: E402
+
+from difuse.patterns._rows import (  # noqa: E402
+    PlanCache,
+    RowView,
+    cdiv,
+    check_float,
+    check_runtime_device,
+    check_same_device,
+    next_pow2,
+    row_view,
+    sm_count,
+    tensor_key,
+)
 
 _NO_INDEX = tl.constexpr(2**31 - 1)  # "no token yet"; also bounds the vocabulary (int32 indices)
 _SELECT_NONE, _SELECT_THRESHOLD, _SELECT_TOPK = 0, 1, 2
 _TOPK_MAX_BLOCK = 256  # top-k ranks by an [N, N] comparison held in registers
+
+
+_LOWEST = tl.constexpr(-3.4028234663852886e38)  # lowest finite float32
+
+
+@triton.jit
+def _online_step(x, cols, m, s, best_i, best_k, best_l, row, V, temperature, rng_seed, SAMPLE: tl.constexpr):
+    """Fold one tile x (fp32, -inf where masked) into the per-lane running state."""
+    m_new = tl.maximum(m, x)
+    e = tl.exp(tl.minimum(m, x) - m_new)  # one exp rescales whichever side is smaller
+    larger = x > m
+    s = tl.where(larger, s * e + 1.0, s + e)
+    if SAMPLE:
+        u = tl.rand(rng_seed, row * V + cols)
+        key = x / temperature - tl.log(-tl.log(u))
+        take = key > best_k
+        best_k = tl.where(take, key, best_k)
+        best_i = tl.where(take, cols, best_i)
+        best_l = tl.where(take, x, best_l)
+    else:
+        best_i = tl.where(larger, cols, best_i)
+    return m_new, s, best_i, best_k, best_l
 
 
 @triton.jit(do_not_specialize=["mask_id", "seed"])
@@ -101,33 +136,29 @@ def _vocab_pass_kernel(
     if active:
         row_ptr = logits_ptr + (row // l_inner) * l_so + (row % l_inner) * l_si
         lanes = tl.arange(0, BLOCK_V)
-        m = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+        # The running max starts at the lowest finite float, not -inf: exp(min - max) then never
+        # sees -inf - -inf, so the loop needs no NaN guard (a lane that saw only -inf keeps s = 0).
+        m = tl.full((BLOCK_V,), _LOWEST, tl.float32)
         s = tl.zeros((BLOCK_V,), tl.float32)
         best_i = tl.full((BLOCK_V,), _NO_INDEX, tl.int32)
         best_k = tl.full((BLOCK_V,), float("-inf"), tl.float32)
         best_l = tl.full((BLOCK_V,), float("-inf"), tl.float32)
         start = split * chunk
-        for offset in tl.range(0, chunk, BLOCK_V, num_stages=3):
+        # Whole tiles load without a mask; the split's last, partial tile (if any) with one.
+        end = tl.minimum(chunk, V - start)
+        full = end - end % BLOCK_V
+        for offset in tl.range(0, full, BLOCK_V, num_stages=3):
+            cols = start + offset + lanes
+            x = tl.load(row_ptr + cols).to(tl.float32)
+            m, s, best_i, best_k, best_l = _online_step(x, cols, m, s, best_i, best_k, best_l, row, V,
+                                                        temperature, rng_seed, SAMPLE)
+        for offset in range(full, end, BLOCK_V):
             cols = start + offset + lanes
             x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, x)
-            # Where both are -inf, subtract 0 instead: exp(-inf) = 0, no NaN.
-            e = tl.exp(tl.minimum(m, x) - tl.where(m_new == float("-inf"), 0.0, m_new))
-            larger = x > m
-            s = tl.where(larger, s * e + 1.0, s + e)
-            if SAMPLE:
-                u = tl.rand(rng_seed, row * V + cols)
-                key = x / temperature - tl.log(-tl.log(u))
-                take = key > best_k
-                best_k = tl.where(take, key, best_k)
-                best_i = tl.where(take, cols, best_i)
-                best_l = tl.where(take, x, best_l)
-            else:
-                best_i = tl.where(larger, cols, best_i)
-            m = m_new
+            m, s, best_i, best_k, best_l = _online_step(x, cols, m, s, best_i, best_k, best_l, row, V,
+                                                        temperature, rng_seed, SAMPLE)
         row_max = tl.max(m, axis=0)
-        # Lanes (or a whole split) that saw only -inf have s = 0: rescale against 0, not -inf.
-        row_sum = tl.sum(s * tl.exp(m - tl.where(row_max == float("-inf"), 0.0, row_max)), axis=0)
+        row_sum = tl.sum(s * tl.exp(m - row_max), axis=0)  # a lane that saw only -inf adds 0
         if SAMPLE:
             key_max = tl.max(best_k, axis=0)
             index = tl.min(tl.where(best_k == key_max, best_i, _NO_INDEX), axis=0)
@@ -156,7 +187,7 @@ def _select_kernel(
     block_ptr, b_sb, b_sn, mask_id,  # [B, N] block, written in place
     threshold, k,  # acceptance parameters (scalars or pointers, see *_FROM_PTR)
     accept_ptr,  # [B, N] bool output
-    out_conf_ptr, out_token_ptr,  # [B * N] outputs (MODE == none)
+    out_conf_ptr, out_token_ptr,  # [B * N] outputs (MODE == none); out_conf_ptr: scratch (top-k)
     N, n_rows,
     SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -212,6 +243,13 @@ def _select_kernel(
         else:
             if K_FROM_PTR:
                 k = tl.load(k + b)
+            if FROM_PARTIALS:
+                # The GPU compiler may fold the partials twice, once per layout of conf[:, None] and
+                # conf[None, :], summing in different orders: a position could then rank behind
+                # itself. Comparing two loads of one stored copy keeps the ranks a permutation.
+                tl.store(out_conf_ptr + rows, conf, mask=n_ok)
+                tl.debug_barrier()
+                conf = tl.load(out_conf_ptr + rows, mask=n_ok, other=float("-inf"))
             # Stable descending rank: positions before i that are larger, or equal and earlier.
             c_i = conf[:, None]
             c_j = conf[None, :]
@@ -259,28 +297,46 @@ def _seed_arg(seed, device: torch.device):
 def choose_splits(rows: int, vocab: int, device: torch.device, block_v: int = _SPLIT_BLOCK_V) -> int:
     """Vocabulary splits per row: aim at ~4 programs per SM (32 rows x 1 program would leave most
     of an H100's 132 SMs idle), at least two BLOCK_V tiles per split."""
-    wanted = triton.cdiv(4 * sm_count(device), max(rows, 1))
+    wanted = cdiv(4 * sm_count(device), max(rows, 1))
     return max(1, min(wanted, vocab // (2 * block_v)))
 
 
+@functools.lru_cache(maxsize=4096)
 def plan_vocab_pass(rows: int, vocab: int, device: torch.device, splits: int | None = None,
                     block_v: int | None = None) -> tuple[int, int, int]:
     """(splits, block_v, chunk): one pass with 4096-wide tiles when the rows fill the GPU, else
-    2048-wide tiles (finer splits, e.g. 32 x 126464 -> 16 splits of 8192 columns per row)."""
+    2048-wide tiles (finer splits, e.g. 32 x 126464 -> 16 splits of 8192 columns per row).
+    Cached: the wrappers plan every call."""
     if block_v is None:
         wide = splits == 1 or (splits is None and choose_splits(rows, vocab, device) == 1)
-        block_v = min(_DEFAULT_BLOCK_V if wide else _SPLIT_BLOCK_V, triton.next_power_of_2(vocab))
+        block_v = min(_DEFAULT_BLOCK_V if wide else _SPLIT_BLOCK_V, next_pow2(vocab))
     if splits is None:
         splits = choose_splits(rows, vocab, device, block_v)
     if splits < 1 or block_v < 1 or block_v & (block_v - 1):
         raise ValueError(f"splits must be >= 1 and block_v a power of two, got {splits}, {block_v}")
-    chunk = triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
-    return triton.cdiv(vocab, chunk), block_v, chunk
+    chunk = cdiv(cdiv(vocab, splits), block_v) * block_v
+    return cdiv(vocab, chunk), block_v, chunk
+
+
+_LOGITS_ROWS = PlanCache()
+
+
+def _logits_rows(logits: torch.Tensor) -> RowView:
+    """row_view of the logits, its layout planned once per (shape, strides, dtype, device)."""
+    copy, layout = _LOGITS_ROWS.get(tensor_key(logits), lambda: _row_layout(logits))
+    if copy:
+        return row_view(logits)
+    return RowView(logits, *layout)
+
+
+def _row_layout(t: torch.Tensor) -> tuple[bool, tuple]:
+    view = row_view(t)
+    return view.tensor is not t, (view.rows, view.inner, view.stride_outer, view.stride_inner)
 
 
 def _vocab_pass(logits, block, mask_id, temperature, seed, splits, block_v, final):
     """Launch the vocabulary pass over the rows of logits [..., V]. Returns partials or (conf, token)."""
-    view = row_view(logits)
+    view = _logits_rows(logits)
     V = logits.shape[-1]
     device = logits.device
     splits, block_v, chunk = plan_vocab_pass(view.rows, V, device, splits, block_v)
@@ -295,14 +351,12 @@ def _vocab_pass(logits, block, mask_id, temperature, seed, splits, block_v, fina
         token = torch.empty(view.rows, dtype=torch.int64, device=device)
         partials = (conf,) * 5
     else:
-        part_l = torch.empty(shape, **f32) if sample else None
-        partials = (torch.empty(shape, **f32), torch.empty(shape, **f32), torch.empty(shape, **f32),
-                    torch.empty(shape, dtype=torch.int32, device=device))
-        partials = partials + (part_l if sample else partials[0],)
+        # one allocation for the float partials (m, s, key and, when sampling, the winner's logit)
+        floats = torch.empty((4 if sample else 3, *shape), **f32).unbind(0)
+        partials = (*floats[:3], torch.empty(shape, dtype=torch.int32, device=device), floats[-1])
         conf = token = partials[0]
     if block is not None:
-        bview = RowBlock(block)
-        block_args = (block, bview.n, bview.stride_b, bview.stride_n, int(mask_id))
+        block_args = (block, block.shape[1], *block.stride(), int(mask_id))
     else:
         block_args = (logits, 1, 0, 0, 0)
     if view.rows:
@@ -319,7 +373,7 @@ def _vocab_pass(logits, block, mask_id, temperature, seed, splits, block_v, fina
             SAMPLE=sample,
             SEED_FROM_PTR=seed_from_ptr,
             FINAL=final,
-            num_warps=8 if block_v >= 4096 else 4,
+            num_warps=16 if block_v >= 8192 else 8 if block_v >= 4096 else 4,
         )
     if final:
         return conf, token
@@ -378,18 +432,22 @@ def _launch_select(block, mask_id, mode, threshold=0.0, k=0, partials=None, spli
     if partials is None:
         partials = (conf,) * 5
         given = (conf, conf.stride(0), conf.stride(1), token, token.stride(0), token.stride(1))
+        folded = accept
     else:
         given = (block, 0, 0, block, 0, 0)
+        # the top-k rank compares the folded confidences through this scratch copy
+        folded = torch.empty(rb.batch * rb.n, dtype=torch.float32, device=device) if mode == _SELECT_TOPK \
+            else accept
     _select_kernel[(rb.batch,)](
         *partials,
         *given,
         block, rb.stride_b, rb.stride_n, mask_id,
         threshold, k,
-        accept, accept, accept,
+        accept, folded, accept,
         rb.n, rb.batch * rb.n,
         SPLITS=splits,
-        BLOCK_N=triton.next_power_of_2(rb.n),
-        BLOCK_S=triton.next_power_of_2(splits),
+        BLOCK_N=next_pow2(rb.n),
+        BLOCK_S=next_pow2(splits),
         FROM_PARTIALS=conf is None,
         SAMPLE=sample,
         MODE=mode,
@@ -420,14 +478,14 @@ def fused_token_confidence(logits: torch.Tensor, temperature: float = 0.0, seed=
     conf = torch.empty(view_rows, dtype=torch.float32, device=logits.device)
     token = torch.empty(view_rows, dtype=torch.int64, device=logits.device)
     group = 32
-    _select_kernel[(triton.cdiv(view_rows, group),)](
+    _select_kernel[(cdiv(view_rows, group),)](
         *partials,
         conf, 0, 0, token, 0, 0,
         token, 0, 0, 0,
         0.0, 0,
         conf, conf, token,
         group, view_rows,
-        SPLITS=splits, BLOCK_N=group, BLOCK_S=triton.next_power_of_2(splits),
+        SPLITS=splits, BLOCK_N=group, BLOCK_S=next_pow2(splits),
         FROM_PARTIALS=True, SAMPLE=temperature > 0, MODE=_SELECT_NONE,
         THRESHOLD_FROM_PTR=False, K_FROM_PTR=False,
         num_warps=4,

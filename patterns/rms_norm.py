@@ -21,9 +21,12 @@ from difuse.patterns._rows import (  # noqa: E402
     check_float,
     check_runtime_device,
     check_same_device,
+    PlanCache,
+    cdiv,
     next_pow2,
     row_num_warps,
     row_view,
+    tensor_key,
 )
 
 _WHOLE_ROW_MAX = 8192
@@ -100,8 +103,8 @@ def _check_eps(eps) -> float:
     return float(eps)
 
 
-def launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    """Run the RMSNorm kernel: returns (normed, hidden) where hidden = x + residual (None without residual)."""
+def _plan_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> tuple:
+    """Validate once per (shapes, strides, dtypes, device) and fix everything the launch needs."""
     check_float("x", x)
     check_float("weight", weight)
     if residual is not None:
@@ -115,33 +118,53 @@ def launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torc
     if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must be [N] with N = x.shape[-1]; got x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)}")
-    eps = _check_eps(eps)
     N = x.shape[-1]
     norm_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    y = torch.empty(x.shape, dtype=torch.promote_types(norm_dtype, weight.dtype), device=x.device)
-    hidden = torch.empty(x.shape, dtype=norm_dtype, device=x.device) if residual is not None else None
-    if y.numel() == 0:
-        return y, hidden
+    out_dtype = torch.promote_types(norm_dtype, weight.dtype)
+    if x.numel() == 0:
+        return out_dtype, norm_dtype, None
     xv = row_view(x)
     rv = row_view(residual) if residual is not None else xv
-    weight = weight.contiguous()
     if N <= _WHOLE_ROW_MAX:
         block_n, num_chunks = next_pow2(N), 1
     else:
-        block_n, num_chunks = _CHUNK, triton.cdiv(N, _CHUNK)
+        block_n, num_chunks = _CHUNK, cdiv(N, _CHUNK)
     # Narrow rows (head_dim norms) pack several rows per program to keep ~2k values in flight.
     block_m = min(next_pow2(xv.rows), max(1, 2048 // block_n))
-    grid = (triton.cdiv(xv.rows, block_m),)
-    _rms_norm_kernel[grid](
-        xv.tensor, xv.inner, xv.stride_outer, xv.stride_inner,
-        rv.tensor, rv.inner, rv.stride_outer, rv.stride_inner,
-        weight, y, hidden if hidden is not None else y,
-        xv.rows, N, eps,
-        HAS_RESIDUAL=residual is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        NUM_CHUNKS=num_chunks,
-        num_warps=row_num_warps(block_m * block_n),
+    launch = dict(
+        x_copy=xv.tensor is not x, x_layout=(xv.inner, xv.stride_outer, xv.stride_inner),
+        r_copy=residual is not None and rv.tensor is not residual,
+        r_layout=(rv.inner, rv.stride_outer, rv.stride_inner),
+        weight_copy=not weight.is_contiguous(), rows=xv.rows, N=N, grid=(cdiv(xv.rows, block_m),),
+        constants=dict(HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                       NUM_CHUNKS=num_chunks, num_warps=row_num_warps(block_m * block_n)),
+    )
+    return out_dtype, norm_dtype, launch
+
+
+_PLANS = PlanCache()
+
+
+def launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """Run the RMSNorm kernel: returns (normed, hidden) where hidden = x + residual (None without residual)."""
+    eps = _check_eps(eps)
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        check_float("x", x)
+        check_float("weight", weight)
+    key = (tensor_key(x), tensor_key(residual), tensor_key(weight))
+    out_dtype, norm_dtype, plan = _PLANS.get(key, lambda: _plan_rms_norm(x, residual, weight))
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    hidden = torch.empty(x.shape, dtype=norm_dtype, device=x.device) if residual is not None else None
+    if plan is None:
+        return y, hidden
+    xt = x.contiguous() if plan["x_copy"] else x
+    rt = xt if residual is None else residual.contiguous() if plan["r_copy"] else residual
+    _rms_norm_kernel[plan["grid"]](
+        xt, *plan["x_layout"],
+        rt, *plan["r_layout"],
+        weight.contiguous() if plan["weight_copy"] else weight, y, hidden if hidden is not None else y,
+        plan["rows"], plan["N"], eps,
+        **plan["constants"],
     )
     return y, hidden
 

@@ -27,7 +27,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from difuse.patterns._rows import check_float, check_runtime_device, check_same_device, next_pow2, row_num_warps  # noqa: E402
+from difuse.patterns._rows import (  # noqa: E402
+    PlanCache,
+    cdiv,
+    check_float,
+    check_runtime_device,
+    check_same_device,
+    next_pow2,
+    row_num_warps,
+    sm_count,
+    tensor_key,
+)
 
 
 @triton.jit
@@ -37,13 +47,26 @@ def _norm_rope_kernel(
     cos_ptr, sin_ptr, cs_sb, cs_st,  # [B or 1, T, R] fp32, unit stride in R
     y_ptr,  # contiguous [B, T, H, D]
     T, H, D, half, eps,  # half = R / 2
+    n_pos,  # B * T
     NORM: tl.constexpr,
     HAS_PASS: tl.constexpr,  # R < D
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
+    POSITIONS: tl.constexpr,  # consecutive positions per program (unrolled: their loads overlap)
 ):
-    pos = tl.program_id(0)
+    for i in tl.static_range(POSITIONS):
+        pos = tl.program_id(0) * POSITIONS + i
+        if pos < n_pos:
+            _norm_rope_position(pos, x_ptr, x_sb, x_st, x_sh, w_ptr, cos_ptr, sin_ptr, cs_sb, cs_st, y_ptr,
+                                T, H, D, half, eps, NORM, HAS_PASS, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
+
+
+@triton.jit
+def _norm_rope_position(pos, x_ptr, x_sb, x_st, x_sh, w_ptr, cos_ptr, sin_ptr, cs_sb, cs_st, y_ptr,
+                        T, H, D, half, eps, NORM: tl.constexpr, HAS_PASS: tl.constexpr,
+                        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
+    """Heads tile program_id(1) of one (b, t) position."""
     b = (pos // T).to(tl.int64)
     t = (pos % T).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -86,8 +109,8 @@ def _norm_rope_kernel(
         tl.store(out_row + 2 * half + rest, xp.to(y_ptr.dtype.element_ty), mask=rest_mask)
 
 
-def launch_norm_rope(x, weight, eps, cos, sin) -> torch.Tensor:
-    """x [B, T, H, D]; weight [D] or None (no norm); cos, sin [B or 1, T, R] fp32."""
+def _plan_norm_rope(x, weight, cos, sin) -> tuple:
+    """Validate once per (shapes, strides, dtypes, device) and fix everything the launch needs."""
     check_float("x", x)
     if x.dim() != 4:
         raise ValueError(f"x must be [B, T, H, D], got shape {tuple(x.shape)}")
@@ -110,27 +133,54 @@ def launch_norm_rope(x, weight, eps, cos, sin) -> torch.Tensor:
         out_dtype = torch.promote_types(x.dtype, weight.dtype)
     check_same_device(x=x, cos=cos, sin=sin, weight=weight)
     check_runtime_device(x)
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    if y.numel() == 0:
-        return y
-    if D > 1 and x.stride(-1) != 1:
-        x = x.contiguous()
-    if R > 1 and (cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride() != sin.stride()):
-        cos, sin = cos.contiguous(), sin.contiguous()
+    if x.numel() == 0:
+        return out_dtype, None
+    x_copy = D > 1 and x.stride(-1) != 1
+    x_strides = torch.empty_like(x, memory_format=torch.contiguous_format).stride() if x_copy else x.stride()
+    rope_copy = R > 1 and (cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride() != sin.stride())
+    cos_strides = cos.contiguous().stride() if rope_copy else cos.stride()
     block_half, block_pass = next_pow2(R // 2), next_pow2(D - R)
     block_h = min(next_pow2(H), max(1, 4096 // next_pow2(D)))
-    batch_stride = cos.stride(0) if cos.shape[0] > 1 else 0
-    _norm_rope_kernel[(B * T, triton.cdiv(H, block_h))](
-        x, x.stride(0), x.stride(1), x.stride(2),
-        weight.contiguous() if weight is not None else x,
-        cos, sin, batch_stride, cos.stride(1),
-        y, T, H, D, R // 2, float(eps),
-        NORM=weight is not None,
-        HAS_PASS=R < D,
-        BLOCK_H=block_h,
-        BLOCK_HALF=block_half,
-        BLOCK_PASS=block_pass,
-        num_warps=row_num_warps(block_h * (2 * block_half + (block_pass if R < D else 0))),
+    head_tiles = cdiv(H, block_h)
+    # Past ~16 programs per SM, two positions per program halve the programs and overlap their loads.
+    positions = 2 if B * T * head_tiles >= 16 * sm_count(x.device) else 1
+    launch = dict(
+        x_copy=x_copy, rope_copy=rope_copy, weight_copy=weight is not None and not weight.is_contiguous(),
+        grid=(cdiv(B * T, positions), head_tiles), x_strides=x_strides[:3],
+        rope_strides=(cos_strides[0] if cos.shape[0] > 1 else 0, cos_strides[1]),
+        sizes=(T, H, D, R // 2), n_pos=B * T,
+        constants=dict(NORM=weight is not None, HAS_PASS=R < D, BLOCK_H=block_h, BLOCK_HALF=block_half,
+                       BLOCK_PASS=block_pass, POSITIONS=positions,
+                       num_warps=row_num_warps(block_h * (2 * block_half + (block_pass if R < D else 0)))),
+    )
+    return out_dtype, launch
+
+
+_PLANS = PlanCache()
+
+
+def launch_norm_rope(x, weight, eps, cos, sin) -> torch.Tensor:
+    """x [B, T, H, D]; weight [D] or None (no norm); cos, sin [B or 1, T, R] fp32."""
+    if not isinstance(x, torch.Tensor) or not isinstance(cos, torch.Tensor) or not isinstance(sin, torch.Tensor) \
+            or not (weight is None or isinstance(weight, torch.Tensor)):
+        return _plan_norm_rope(x, weight, cos, sin)  # raises the type error
+    key = (tensor_key(x), tensor_key(weight), tensor_key(cos), tensor_key(sin))
+    out_dtype, plan = _PLANS.get(key, lambda: _plan_norm_rope(x, weight, cos, sin))
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if plan is None:
+        return y
+    if plan["x_copy"]:
+        x = x.contiguous()
+    if plan["rope_copy"]:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    if weight is not None and plan["weight_copy"]:
+        weight = weight.contiguous()
+    _norm_rope_kernel[plan["grid"]](
+        x, *plan["x_strides"],
+        weight if weight is not None else x,
+        cos, sin, *plan["rope_strides"],
+        y, *plan["sizes"], float(eps), plan["n_pos"],
+        **plan["constants"],
     )
     return y
 

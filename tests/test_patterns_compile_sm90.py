@@ -5,6 +5,10 @@ a variable changing type inside a runtime branch, ...). This test runs the host 
 launches intercepted, then compiles each distinct variant to a cubin with Triton's bundled
 toolchain -- no GPU needed. It runs in a subprocess because the kernels must be real JIT functions,
 not the interpreter's.
+
+It also checks that the GPU layout passes duplicate no reduction. A duplicated reduction may sum in
+another order, giving another copy of a value with different low bits; the top-k select compared two
+such copies of each confidence, so a position could rank behind itself (seen on an H100 only).
 """
 import os
 import subprocess
@@ -44,6 +48,10 @@ def _launches() -> list:
     rope.fused_apply_rope(q, partial, partial)
     qk_norm.fused_qk_norm_rope(q, torch.randn(64, dtype=dt), 1e-6, partial, partial)
     qk_norm.fused_qk_norm_rope(q, torch.randn(64, dtype=dt), 1e-6, full, full)
+    many = torch.randn(1, 2112, 4, 64, dtype=dt)  # enough positions for two per program
+    many_table = torch.randn(1, 2112, 64)
+    rope.fused_apply_rope(many, many_table, many_table)
+    qk_norm.fused_qk_norm_rope(many, torch.randn(64, dtype=dt), 1e-6, many_table, many_table)
     logits, block = torch.randn(2, 4, 5000, dtype=dt), torch.full((2, 4), 7)
     for splits in (1, 3):
         for temperature, seed in ((0.0, 0), (0.7, 5), (0.7, torch.tensor(5))):
@@ -52,6 +60,8 @@ def _launches() -> list:
         confidence.confidence_threshold_select(logits, block, 7, torch.tensor(0.5), splits=splits)
         confidence.confidence_topk_select(logits, block, 7, torch.tensor([1, 2]), splits=splits)
         confidence.confidence_topk_select(logits, block, 7, 2, splits=splits)
+        confidence.confidence_topk_select(logits, block, 7, 2, 0.7, 5, splits=splits)
+    confidence.fused_token_confidence(torch.randn(2, 20000, dtype=dt), splits=1, block_v=8192)  # 16 warps
     conf, token = torch.rand(2, 4), torch.randint(0, 9, (2, 4))
     confidence.fused_threshold_select(conf, token, block, 7, 0.5)
     confidence.fused_topk_select(conf, token, block, 7, 2)
@@ -85,7 +95,7 @@ def _compile_all() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    seen = set()
+    seen, duplicated = set(), []
     for fn, args, kwargs in _launches():
         kwargs = dict(kwargs)
         num_warps = kwargs.pop("num_warps", 4)
@@ -94,8 +104,13 @@ def _compile_all() -> None:
         if key in seen:
             continue
         seen.add(key)
-        triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps})
+        kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": num_warps})
+        written, compiled = kernel.asm["ttir"].count('"tt.reduce"'), kernel.asm["ttgir"].count('"tt.reduce"')
+        if compiled > written:
+            duplicated.append(f"{fn.__name__} {constexprs}: {written} reductions became {compiled}")
+    if duplicated:
+        raise SystemExit("reductions duplicated by the layout passes:\n" + "\n".join(duplicated))
     print(f"compiled {len(seen)} kernel variants for sm_90")
 
 

@@ -171,6 +171,28 @@ def test_confidence_topk_select_matches_reference(device, dtype, splits, block_v
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_confidence_topk_select_accepts_exactly_k_per_row(device, temperature):
+    """Many rows folded from split partials: each row accepts min(k, masked) positions. On an H100 a
+    position once ranked behind its own second copy, so rows accepted fewer than k."""
+    torch.manual_seed(3)
+    batch, n = 6, 16
+    logits = torch.randn(batch, n, 300, device=device)
+    block = torch.full((batch, n), MASK_ID, device=device)
+    block[torch.rand(batch, n, device=device) < 0.3] = 4
+    k = torch.randint(0, n + 2, (batch,), device=device)
+    masked = (block == MASK_ID).sum(-1)
+    fused_block = block.clone()
+    accept = confidence_topk_select(logits, fused_block, MASK_ID, k, temperature, seed=7, splits=3, block_v=64)
+    assert torch.equal(accept.sum(-1), torch.minimum(k, masked))
+    if temperature == 0.0:
+        conf, token = token_confidence(logits)
+        ref_block = block.clone()
+        assert torch.equal(accept, topk_select(conf, token, ref_block, MASK_ID, k))
+        assert torch.equal(fused_block, ref_block)
+
+
+@pytest.mark.gpu
 def test_selection_writes_into_a_strided_int32_block(device):
     logits, block = selection_case(device, torch.float32)
     conf, token = token_confidence(logits)
