@@ -1,0 +1,154 @@
+"""Load HF-format checkpoints (config.json + safetensors, single file or sharded) into our models.
+
+Loading is strict and all-or-nothing: the model is built on the meta device, every checkpoint
+header is read and checked against the family's name map (every tensor used, every parameter
+filled, every shape right) before any weight is read, and only then are tensors read from the
+memory-mapped files, packed (QKV, gate-up, expert stacks), cast and moved to the device.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from difuse.models.llada import LLaDAConfig, LLaDAModel, checkpoint_map as llada_map
+from difuse.models.packing import assemble, expected_shapes, source_keys
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded exactly (missing, extra, mis-shaped or unreadable)."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    config_class: type
+    model_class: type
+    checkpoint_map: Callable  # (config, checkpoint keys) -> {parameter name: Source}
+
+
+FAMILIES = {
+    "llada": Family("llada", LLaDAConfig, LLaDAModel, llada_map),
+}
+ARCHITECTURES = {"LLaDAModelLM": "llada"}
+MODEL_TYPES = {"llada": "llada"}
+
+
+def read_config(path: str | Path) -> dict:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file}: invalid JSON ({e})") from e
+
+
+def family_of(hf_config: dict) -> Family:
+    for arch in hf_config.get("architectures") or ():
+        if arch in ARCHITECTURES:
+            return FAMILIES[ARCHITECTURES[arch]]
+    model_type = hf_config.get("model_type")
+    if model_type in MODEL_TYPES:
+        return FAMILIES[MODEL_TYPES[model_type]]
+    raise CheckpointError(
+        f"unsupported model: architectures={hf_config.get('architectures')}, model_type={model_type!r}; "
+        f"supported architectures: {sorted(ARCHITECTURES)}"
+    )
+
+
+def checkpoint_files(path: str | Path) -> dict[str, Path]:
+    """Checkpoint key -> the safetensors file holding it, from the shard index or the single file."""
+    path = Path(path)
+    if (path / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{path / INDEX_FILE}: not a safetensors index ({e})") from e
+        return {key: path / name for key, name in weight_map.items()}
+    if (path / SINGLE_FILE).is_file():
+        with _open(path / SINGLE_FILE) as f:
+            return {key: path / SINGLE_FILE for key in f.keys()}
+    raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def _open(file: Path):
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing checkpoint file")
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from e
+
+
+def _headers(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    """Shape of every checkpoint tensor, checking that each shard holds what the index says."""
+    shapes = {}
+    for file in sorted(set(files.values())):
+        with _open(file) as f:
+            held = set(f.keys())
+            listed = {key for key, where in files.items() if where == file}
+            if listed - held:
+                raise CheckpointError(f"{file}: lacks tensors the index assigns to it: {sorted(listed - held)[:10]}")
+            for key in listed:
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def _check(sources: dict, model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], path) -> None:
+    params = dict(model.named_parameters())
+    problems = []
+    if set(sources) != set(params):
+        raise AssertionError(f"name map and model disagree: {sorted(set(sources) ^ set(params))}")
+    wanted = {}
+    for name, source in sources.items():
+        wanted.update(expected_shapes(source, tuple(params[name].shape)))
+    missing = sorted(set(wanted) - set(shapes))
+    unexpected = sorted(set(shapes) - set(wanted))
+    if missing:
+        problems.append(f"missing tensors: {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_few(unexpected)}")
+    misshaped = [f"{key} {shapes[key]} (expected {wanted[key]})"
+                 for key in sorted(set(wanted) & set(shapes)) if shapes[key] != wanted[key]]
+    if misshaped:
+        problems.append(f"mis-shaped tensors: {_few(misshaped)}")
+    if problems:
+        raise CheckpointError(f"{path}: checkpoint does not match the model: " + "; ".join(problems))
+
+
+def _few(items: list[str], limit: int = 10) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16):
+    """Build the model described by `path`/config.json and fill it from its safetensors files."""
+    hf_config = read_config(path)
+    family = family_of(hf_config)
+    try:
+        config = family.config_class.from_hf_config(hf_config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/config.json: {e}") from e
+    files = checkpoint_files(path)
+    shapes = _headers(files)
+    sources = family.checkpoint_map(config, set(shapes))
+    with torch.device("meta"):
+        model = family.model_class(config)
+    _check(sources, model, shapes, path)
+
+    handles = {file: _open(file) for file in set(files.values())}
+    try:
+        def read(key: str) -> torch.Tensor:
+            return handles[files[key]].get_tensor(key).to(dtype)
+
+        state = {name: assemble(source, read).to(device) for name, source in sources.items()}
+    finally:
+        handles.clear()
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

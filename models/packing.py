@@ -1,0 +1,56 @@
+"""How one model parameter is assembled from checkpoint tensors.
+
+A Source is a checkpoint key (the tensor as is), a Cat (pieces concatenated along dim 0, e.g.
+q|k|v into one QKV weight, gate|up into one gate-up weight) or a Stack (pieces stacked along a
+new dim 0, e.g. per-expert weights into [E, ...]). Sources nest: expert gate-up weights are a
+Stack of Cats. Each family's `checkpoint_map` returns {parameter name: Source}.
+"""
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+
+
+@dataclass(frozen=True)
+class Cat:
+    parts: tuple["Source", ...]
+    sizes: tuple[int, ...]  # dim-0 size of each part
+
+
+@dataclass(frozen=True)
+class Stack:
+    parts: tuple["Source", ...]
+
+
+Source = Union[str, Cat, Stack]
+
+
+def source_keys(source: Source) -> list[str]:
+    if isinstance(source, str):
+        return [source]
+    return [key for part in source.parts for key in source_keys(part)]
+
+
+def expected_shapes(source: Source, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """The checkpoint shape each key must have for `source` to assemble a tensor of `shape`."""
+    if isinstance(source, str):
+        return {source: tuple(shape)}
+    out = {}
+    if isinstance(source, Cat):
+        if len(source.parts) != len(source.sizes) or sum(source.sizes) != shape[0]:
+            raise ValueError(f"packing sizes {source.sizes} do not assemble dim 0 of {tuple(shape)}")
+        for part, size in zip(source.parts, source.sizes):
+            out.update(expected_shapes(part, (size, *shape[1:])))
+    else:
+        if len(source.parts) != shape[0]:
+            raise ValueError(f"{len(source.parts)} stacked parts do not assemble dim 0 of {tuple(shape)}")
+        for part in source.parts:
+            out.update(expected_shapes(part, tuple(shape[1:])))
+    return out
+
+
+def assemble(source: Source, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    if isinstance(source, str):
+        return read(source)
+    parts = [assemble(part, read) for part in source.parts]
+    return torch.cat(parts) if isinstance(source, Cat) else torch.stack(parts)
