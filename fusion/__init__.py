@@ -9,3 +9,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .ir import OpNode, Ref, ScalarArg, SubGraph  # noqa: E402
+from .pattern import Match, Pattern, register  # noqa: E402
+from .record import RecordingError, record  # noqa: E402
+
+__all__ = ["record", "RecordingError", "SubGraph", "OpNode", "Ref", "ScalarArg", "Pattern", "Match",
+           "register"]
