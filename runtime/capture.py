@@ -45,15 +45,12 @@ class StepRunner:
         if self.scheduler is None:
             return self.fn(*self.args)
         if self.program is None:
-            self.program = self._record()
+            # recording runs the step once for real: this call's step is done when it returns
+            from difuse.fusion.record import record_with_output
+
+            self.program, out = record_with_output(self.fn, *self.args)
+            return out
         return self.scheduler.dispatch(self.program, *self.args)
-
-    def _record(self):
-        from difuse.fusion import record
-
-        # recording may execute the step: give it copies so the real state is not advanced
-        scratch = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in self.args)
-        return record(self.fn, *scratch)
 
     def _warm_up(self):
         side = torch.cuda.Stream()
