@@ -23,10 +23,21 @@ def generate_json(tiny_path, *extra):
     return json.loads(done.stdout)
 
 
-def test_generate_prints_json(tiny_path):
-    out = generate_json(tiny_path, "--no-fusion")
-    assert set(out) >= {"text", "tokens", "steps", "tokens_per_step", "ms_per_step", "cache_refreshes"}
-    assert out["fusion"] is False and 1 <= out["steps"] <= 8 and out["cache_refreshes"] == 2
+def test_fused_and_eager_cli_print_json_with_identical_tokens(tiny_path):
+    fused, eager = generate_json(tiny_path), generate_json(tiny_path, "--no-fusion")
+    for out in (fused, eager):
+        assert set(out) >= {"text", "tokens", "steps", "tokens_per_step", "ms_per_step", "cache_refreshes"}
+        assert 1 <= out["steps"] <= 8 and out["cache_refreshes"] == 2
+    assert (fused["fusion"], eager["fusion"]) == (True, False)
+    assert fused["tokens"] == eager["tokens"] and fused["text"] == eager["text"]
+
+
+def test_report_prints_the_fusion_table_and_writes_pictures(tiny_path, tmp_path):
+    html, png = tmp_path / "report.html", tmp_path / "report.png"
+    done = cli("report", "--model", str(tiny_path), "--prompt", "hi", "--gen-length", "4", "--block-length", "4",
+               "--html", str(html), "--png", str(png))
+    assert done.returncode == 0, done.stderr
+    assert "FusionReport" in done.stdout and html.stat().st_size > 0 and png.stat().st_size > 0
 
 
 def test_bad_settings_exit_with_a_message(tiny_path):
