@@ -4,12 +4,14 @@
     python -m bench.fusion_step --quick         # tiny dims; on CPU the kernels run under the interpreter
     python -m bench.fusion_step --patterns      # also use the pattern library (difuse.patterns)
     python -m bench.fusion_step --profile       # keep a group only if it beats its unfused ops
+    python -m bench.fusion_step --profile --profile-mode eager   # ... timed with Python launches
 
 The step is a stack of plain-torch pre-norm blocks (RMSNorm, QKV, RoPE, SDPA, O, add+RMSNorm,
 SwiGLU) over the active block, the LM head on its rows, confidence and threshold selection
 written into the block in place. Reports median wall time per step (launches from Python) and,
-on CUDA, the step replayed inside a CUDA graph, the compile time, and the FusionReport with
-achieved GB/s per fused group. Results are ratios within one run on the named device.
+on CUDA, the step replayed inside a CUDA graph and the GPU kernels one step launches (counted
+with torch.profiler), the compile time, and the FusionReport with achieved GB/s per fused group.
+Results are ratios within one run on the named device.
 """
 from __future__ import annotations
 
@@ -83,11 +85,27 @@ def graph_us(fn, reps: int) -> float:
     return wall_us(graph.replay, "cuda", reps)
 
 
+def kernels_per_step(fn) -> int:
+    """GPU kernels (and memcpy / memset) one call of `fn` launches, counted by torch.profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.device_type == DeviceType.CUDA for e in prof.events())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny dims (CPU interpreter friendly)")
     ap.add_argument("--patterns", action="store_true", help="use the pattern library as well")
     ap.add_argument("--profile", action="store_true", help="time every group fused vs unfused (report GB/s)")
+    ap.add_argument("--profile-mode", choices=("graph", "eager"), default="graph",
+                    help="how --profile times a group: in a CUDA graph (what a graphed step pays) or "
+                         "with Python launches")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--block", type=int, default=32)
     args = ap.parse_args()
@@ -111,11 +129,13 @@ def main() -> None:
     call = (h, cos, sin, tokens, 1e-6, 0.9, MASK_ID)
 
     graph = record(step, *call)
-    results = {}
+    results, kernels, summary = {}, {}, None
     with torch.no_grad():
         results["eager"] = wall_us(lambda: step(*call), device, reps)
+        if device == "cuda":
+            kernels["eager"] = kernels_per_step(lambda: step(*call))
     for name, enable in (("replay unfused", False), ("fused", True)):
-        config = FusionConfig(enable_fusion=enable, profile=args.profile,
+        config = FusionConfig(enable_fusion=enable, profile=args.profile, profile_mode=args.profile_mode,
                               cache_dir=tempfile.mkdtemp(prefix="difuse-bench-"))
         scheduler = FusionScheduler(config, patterns=None if args.patterns else [])
         start = time.perf_counter()
@@ -124,14 +144,18 @@ def main() -> None:
         results[name] = wall_us(lambda: program(*call), device, reps)
         if device == "cuda":
             results[name + " (CUDA graph)"] = graph_us(lambda: program(*call), reps)
+            kernels[name] = kernels[name + " (CUDA graph)"] = kernels_per_step(lambda: program(*call))
         print(f"{name}: compile {compile_s:.2f} s, {len(program.fused_groups)} fused groups")
         if enable:
             print(scheduler.report())
+            summary = scheduler.report().summary()
     print(f"\ndevice: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter)'}; "
           f"{len(graph.nodes)} recorded ops; dims {dims}; block {block}; {dtype}")
     base = results["eager"]
     for name, us in results.items():
-        print(f"{name:<28} {us:10.1f} us/step   {base / us:5.2f}x eager")
+        count = f"{kernels[name]:5d} kernels/step" if name in kernels else "    - kernels/step (counted on CUDA)"
+        print(f"{name:<28} {us:10.1f} us/step   {base / us:5.2f}x eager   {count}")
+    print(f"fusion report: {summary}")
 
 
 if __name__ == "__main__":

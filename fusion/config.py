@@ -23,6 +23,11 @@ class FusionConfig:
     debug_mode: validate every fused kernel against its reference on first use.
     profile: time fused vs fallback on first sighting and keep the fused kernel only if
         t_fused < fusion_ratio * t_fallback (decision persisted beside the kernel).
+    profile_mode: how profile times a candidate. "graph" (default): many calls captured in one CUDA
+        graph and replayed, on inputs rotated through enough copies to not fit in L2 -- what a step
+        replayed in a CUDA graph pays (on a non-CUDA device this falls back to "eager"). "eager":
+        one call launched from Python at a time (do_bench on CUDA), which at small block sizes
+        mostly measures launch overhead. Decisions are persisted per mode.
     backend: "triton" (generated Triton source) or "ninetoothed" (generated arrangement +
         application) for generic groups.
     max_single_block: rows up to this many columns are processed in one block, longer rows loop.
@@ -37,6 +42,7 @@ class FusionConfig:
     debug_mode: bool = False
     profile: bool = False
     fusion_ratio: float = 0.8
+    profile_mode: str = "graph"
     cache_dir: Path = field(default_factory=default_cache_dir)
     backend: str = "triton"
     max_single_block: int = 8192
@@ -48,6 +54,8 @@ class FusionConfig:
         self.cache_dir = Path(self.cache_dir)
         if self.backend not in ("triton", "ninetoothed"):
             raise ValueError(f"backend must be 'triton' or 'ninetoothed', not {self.backend!r}")
+        if self.profile_mode not in ("graph", "eager"):
+            raise ValueError(f"profile_mode must be 'graph' or 'eager', not {self.profile_mode!r}")
         if not 0 < self.fusion_ratio:
             raise ValueError(f"fusion_ratio must be positive, got {self.fusion_ratio}")
         if self.min_nodes < 1 or self.max_nodes < self.min_nodes:

@@ -1,13 +1,22 @@
 """FusionHeuristics: should a group run fused? Static rules first, then (optionally) measurement.
 
 Every decision carries a reason string, which the FusionReport shows. Profile decisions are
-persisted as JSON beside the kernel (`<cache_dir>/kernels/<key>.json`) and reused by later runs.
+persisted as JSON beside the kernel (`<cache_dir>/kernels/<key>.json`), per timing mode, and reused
+by later runs.
+
+Timing modes. "graph" (CUDA): the runtime replays a step in a CUDA graph, where a launch costs
+~1-2 us of GPU time instead of 5-100 us of Python, so candidates are timed the same way: many calls
+captured in one graph, replayed, GPU time per call from CUDA events. Inputs rotate through enough
+copies to exceed the L2 cache, so neither candidate is timed on L2-resident data it would not have.
+"eager": one call launched from Python at a time (do_bench on CUDA, perf_counter elsewhere).
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -24,6 +33,12 @@ class Decision:
     t_fused: float | None = None  # seconds, median
     t_fallback: float | None = None
     source: str = "static"  # "static", "profiled", "memory", "disk"
+    mode: str | None = None  # timing mode of t_fused / t_fallback: "graph" or "eager"
+
+
+def timing_mode(requested: str, device: str) -> str:
+    """The mode actually used: CUDA graphs exist only on CUDA devices."""
+    return "graph" if requested == "graph" and torch.device(device).type == "cuda" else "eager"
 
 
 def time_callable(fn: Callable[[], object], device: str) -> float:
@@ -40,6 +55,49 @@ def time_callable(fn: Callable[[], object], device: str) -> float:
         fn()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def rotation_copies(footprint_bytes: int, device: str, max_copies: int = 256) -> int:
+    """How many input sets to rotate through so that together they exceed twice the L2 cache."""
+    props = torch.cuda.get_device_properties(torch.device(device))
+    l2 = getattr(props, "L2_cache_size", 0) or 50 * 2**20
+    return max(1, min(max_copies, math.ceil(2 * l2 / max(footprint_bytes, 1))))
+
+
+def time_in_cuda_graph(calls: list[Callable[[], object]], min_calls: int = 32, replays: int = 20) -> float:
+    """Median GPU seconds per call of `calls` (cycled to at least `min_calls` launches) captured in
+    one CUDA graph: the per-replay launch is shared by all captured calls."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: JIT compiles, allocator pools
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    n = len(calls) * math.ceil(min_calls / len(calls))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for k in range(n):
+            calls[k % len(calls)]()
+    graph.replay()
+    samples = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e-3 / n)
+    del graph
+    return statistics.median(samples)
+
+
+def _footprint(inputs: list) -> int:
+    storages = {}
+    for t in inputs:
+        if isinstance(t, torch.Tensor):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def _traffic(graph: SubGraph, node_indices: list[int]) -> tuple[int, int, int]:
@@ -91,25 +149,43 @@ class FusionHeuristics:
             return Decision(False, f"peak memory grows by {growth} B > {cfg.max_memory_growth:g} x {saved} B saved")
         return Decision(True, f"saves {saved} B of traffic ({unfused} -> {fused} B)")
 
-    def profile_and_decide(self, key: str, fused_fn: Callable[[], object], fallback_fn: Callable[[], object],
-                           device: str = "cpu") -> Decision:
+    def profile_and_decide(self, key: str, fused: Callable[[list], object], fallback: Callable[[list], object],
+                           make_inputs: Callable[[bool], list], device: str = "cpu") -> Decision:
         """Keep the fused kernel only if t_fused < fusion_ratio * t_fallback; measured once per key
-        (group hash, shape bucket, dtype, device), remembered in memory and on disk."""
+        (group hash, shape bucket, dtype, device) and timing mode, remembered in memory and on disk.
+
+        fused / fallback take an input list; make_inputs(distinct) returns one: distinct=True
+        clones every tensor (a separate copy for L2 rotation), False only those written in place."""
+        mode = timing_mode(self.config.profile_mode, device)
+        key = f"{key}-{mode}"
         if key in self._decisions:
             d = self._decisions[key]
-            return Decision(d.fuse, d.reason, d.t_fused, d.t_fallback, "memory")
+            return Decision(d.fuse, d.reason, d.t_fused, d.t_fallback, "memory", d.mode)
         stored = self.cache.read_meta(key).get("decision")
         if stored:
             d = Decision(**{**stored, "source": "disk"})
             self._decisions[key] = d
             return d
-        t_fused = time_callable(fused_fn, device)
-        t_fallback = time_callable(fallback_fn, device)
+        if mode == "graph":
+            first = make_inputs(False)
+            copies = rotation_copies(_footprint(first), device)
+            # inputs larger than twice the L2 cache evict themselves: one set, no clone
+            sets = [first] if copies == 1 else [make_inputs(True) for _ in range(copies)]
+            try:
+                t_fused = time_in_cuda_graph([partial(fused, s) for s in sets])
+            except Exception as e:  # the runtime replays steps in CUDA graphs: such a kernel cannot run there
+                return Decision(False, f"fused kernel cannot be captured in a CUDA graph: {e}", source="profiled",
+                                mode=mode)
+            t_fallback = time_in_cuda_graph([partial(fallback, s) for s in sets])
+            del sets, first
+        else:
+            t_fused = time_callable(lambda: fused(make_inputs(False)), device)
+            t_fallback = time_callable(lambda: fallback(make_inputs(False)), device)
         ratio = self.config.fusion_ratio
         fuse = t_fused < ratio * t_fallback
         verdict = "<" if fuse else ">="
-        d = Decision(fuse, f"measured {t_fused * 1e6:.1f} us fused {verdict} {ratio:g} x "
-                           f"{t_fallback * 1e6:.1f} us unfused", t_fused, t_fallback, "profiled")
+        d = Decision(fuse, f"measured ({mode}) {t_fused * 1e6:.1f} us fused {verdict} {ratio:g} x "
+                           f"{t_fallback * 1e6:.1f} us unfused", t_fused, t_fallback, "profiled", mode)
         self._decisions[key] = d
         meta = self.cache.read_meta(key)
         meta["decision"] = asdict(d)

@@ -35,6 +35,9 @@ class Pattern:
 
     name: str = ""
     priority: int = 0  # higher patterns are matched first; matches never overlap
+    # The kernel samples random numbers the reference draws differently (same distribution, other
+    # values): debug-mode validation then checks shapes, dtypes, NaNs and output_ranges, not values.
+    stochastic: bool = False
 
     def match(self, graph) -> list[Match]:
         raise NotImplementedError
@@ -50,6 +53,10 @@ class Pattern:
     def bytes_moved(self, *inputs, **params) -> int:
         """Fewest bytes the fused kernel must read and write for these inputs."""
         raise NotImplementedError
+
+    def output_ranges(self, *inputs, **params) -> list[tuple[float, float] | None] | None:
+        """Closed value range of each output (None: unchecked), used to validate stochastic patterns."""
+        return None
 
 
 _REGISTRY: dict[str, Pattern] = {}

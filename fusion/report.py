@@ -49,6 +49,8 @@ class GroupRecord:
     t_fused: float | None = None
     t_fallback: float | None = None
     bytes_moved: int | None = None
+    timing: str | None = None  # how t_fused / t_fallback were measured: "graph" (CUDA graph) or "eager"
+    shape: str = ""  # largest input, e.g. "32x4096 bfloat16": the shape bucket rows are grouped by
 
     @property
     def gbps(self) -> float | None:
@@ -84,38 +86,70 @@ class FusionReport:
             d["speedup"] = g.speedup
             d["fraction_of_copy_bandwidth"] = g.gbps * 1e9 / bw if bw and g.gbps else None
             groups.append(d)
+        rows = [{"name": g.name, "kind": g.kind, "hash": g.hash, "shape": g.shape, "count": n,
+                 "decision": g.decision, "reason": g.reason, "timing": g.timing, "t_fused": g.t_fused,
+                 "t_fallback": g.t_fallback, "speedup": g.speedup, "gbps": g.gbps} for g, n in self.rows()]
         return {
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "copy_bandwidth_gbps": bw / 1e9 if bw else None,
             "compile_seconds": self.compile_seconds,
             "fused": sum(g.decision for g in self.groups),
-            "groups": groups,
+            "summary": self.summary(),
+            "groups": groups,  # one per occurrence
+            "rows": rows,  # aggregated per (pattern, structure, shape bucket, outcome)
         }
+
+    def rows(self) -> list[tuple[GroupRecord, int]]:
+        """Groups aggregated per (pattern, structure, shape bucket, outcome), with occurrence counts,
+        in first-seen order."""
+        counts: dict[tuple, list] = {}
+        for g in self.groups:
+            key = (g.name, g.kind, g.hash, g.shape, g.decision, g.reason)
+            counts.setdefault(key, [g, 0])[1] += 1
+        return [(g, n) for g, n in counts.values()]
+
+    def summary(self) -> str:
+        """One line: occurrences, fused count, distinct rows and, if profiled, the summed time of
+        the fused occurrences per program run, fused vs unfused."""
+        fused = [g for g in self.groups if g.decision]
+        line = f"{len(self.groups)} groups, {len(fused)} fused; {len(self.rows())} distinct"
+        timed = [g for g in fused if g.t_fused and g.t_fallback]
+        if timed:
+            modes = "/".join(sorted({g.timing or "eager" for g in timed}))
+            line += (f"; fused groups per run ({modes} timing): {sum(g.t_fused for g in timed) * 1e6:.1f} us fused vs "
+                     f"{sum(g.t_fallback for g in timed) * 1e6:.1f} us unfused")
+        return line
 
     def __str__(self) -> str:
         bw = self._bandwidth()
-        head = ["group", "nodes", "fused", "compile ms", "cache", "fused us", "unfused us", "x", "GB/s",
-                "% copy", "reason"]
+        head = ["group", "count", "shape", "nodes", "fused", "decided by", "compile [ms]", "cache", "fused [us]",
+                "unfused [us]", "speedup", "GB/s", "% copy", "reason"]
         rows = []
-        for g in self.groups:
-            us = (lambda t: f"{t * 1e6:.1f}" if t else "-")
-            rows.append([g.name, str(g.nodes), "yes" if g.decision else "no", f"{g.compile_seconds * 1e3:.1f}",
-                         g.cache_hit or "-", us(g.t_fused), us(g.t_fallback),
-                         f"{g.speedup:.2f}" if g.speedup else "-", f"{g.gbps:.1f}" if g.gbps else "-",
+        us = (lambda t: f"{t * 1e6:.1f}" if t else "-")
+        for g, count in self.rows():
+            rows.append([g.name, str(count), g.shape or "-", str(g.nodes), "yes" if g.decision else "no",
+                         g.decided_by, f"{g.compile_seconds * 1e3:.1f}", g.cache_hit or "-", us(g.t_fused),
+                         us(g.t_fallback), f"{g.speedup:.2f}x" if g.speedup else "-",
+                         f"{g.gbps:.1f}" if g.gbps else "-",
                          f"{100 * g.gbps * 1e9 / bw:.0f}" if bw and g.gbps else "-", g.reason])
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
 
         def fmt(r):
             return "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]
 
-        title = f"FusionReport: {len(self.groups)} groups, {sum(g.decision for g in self.groups)} fused"
+        title = f"FusionReport: {self.summary()}"
+        notes = ["times are per call"]
+        modes = {g.timing for g in self.groups if g.timing}
+        if modes:
+            notes.append("measured " + " and ".join("inside a CUDA graph" if m == "graph" else "with Python launches"
+                                                    for m in sorted(modes)))
         if bw:
-            title += f", device copy bandwidth {bw / 1e9:.1f} GB/s"
-        return "\n".join([title, fmt(head), *(fmt(r) for r in rows)])
+            notes.append(f"device copy bandwidth {bw / 1e9:.1f} GB/s")
+        return "\n".join([title, "(" + "; ".join(notes) + ")", fmt(head), *(fmt(r) for r in rows)])
 
     def save_html(self, path) -> None:
         """A standalone page: the table plus an inline SVG bar chart of fused vs unfused time."""
-        timed = [g for g in self.groups if g.t_fused and g.t_fallback]
+        timed = [g for g, _ in self.rows() if g.t_fused and g.t_fallback]
         bar_h, width = 18, 520
         top = max([max(g.t_fused, g.t_fallback) for g in timed], default=1.0)
         bars = []
@@ -153,7 +187,7 @@ class FusionReport:
             import matplotlib.pyplot as plt
         except ImportError as e:
             raise ImportError("FusionReport.save_png needs matplotlib (pip install difuse[bench])") from e
-        timed = [g for g in self.groups if g.t_fused and g.t_fallback]
+        timed = [g for g, _ in self.rows() if g.t_fused and g.t_fallback]
         fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * max(1, len(timed))))
         ys = range(len(timed))
         ax.barh([y + 0.2 for y in ys], [g.t_fallback * 1e6 for g in timed], 0.4, label="unfused", color="#bbb")

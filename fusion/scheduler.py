@@ -270,7 +270,8 @@ class FusionScheduler:
         g.decision = self.heuristics.static_rules(graph, list(g.nodes), generic=g.kind == "generic")
         g.record = self._report.add(GroupRecord(name=g.name, kind=g.kind, nodes=len(g.nodes),
                                                 ops=[graph.nodes[i].op for i in g.nodes],
-                                                decision=g.decision.fuse, reason=g.decision.reason))
+                                                decision=g.decision.fuse, reason=g.decision.reason,
+                                                shape=_shape_bucket(graph, g.inputs)))
         if not g.fused:
             return
         if g.kind == "generic":
@@ -332,26 +333,27 @@ class FusionScheduler:
         return captured
 
     def _callables(self, graph: SubGraph, g: Group, values: dict, args: tuple):
-        """(fused, reference) zero-argument callables on the example values; inputs the group
-        writes in place are cloned per call."""
+        """(fused, reference, make_inputs): fused / reference take an input list (graph value order
+        of g.inputs); make_inputs(distinct) clones every tensor when distinct, else only the inputs
+        the group writes in place (so repeated calls see the same values)."""
         scalars = {i: (args[i] if args else graph.scalars.get(i, float)(1)) for i in g.scalar_args}
         written = {n for i in g.nodes for n in graph.nodes[i].mutates}
 
-        def inputs():
-            return [values[n].clone() if n in written else values[n] for n in g.inputs]
+        def make_inputs(distinct: bool = False) -> list:
+            return [_replica(values[n]) if distinct or n in written else values[n] for n in g.inputs]
 
         if g.kind == "pattern":
-            params = {k: scalars[v.index] if isinstance(v, ScalarArg) else v for k, v in g.params.items()}
-            return (lambda: _as_tuple(g.pattern.kernel(*inputs(), **params)),
-                    lambda: _as_tuple(g.pattern.reference(*inputs(), **params)))
+            params = self._pattern_params(g, args, graph)
+            return (lambda inputs: _as_tuple(g.pattern.kernel(*inputs, **params)),
+                    lambda inputs: _as_tuple(g.pattern.reference(*inputs, **params)), make_inputs)
         sub = graph.subgraph(g.nodes)
         scalar_values = [scalars[i] for i in g.scalar_args]
         full_args = list(args) if args else [graph.specialized.get(i) for i in range(graph.num_args)]
         for i, v in scalars.items():
             full_args[i] = v
 
-        def reference():
-            env = dict(zip(g.inputs, inputs()))
+        def reference(inputs):
+            env = dict(zip(g.inputs, inputs))
             for node in sub.nodes:
                 result = node.target(*_resolve(node.args, env, full_args), **_resolve(node.kwargs, env, full_args))
                 for name, value in zip(node.out_leaves, tree_flatten(result)[0]):
@@ -359,15 +361,24 @@ class FusionScheduler:
                         env[name] = value
             return tuple(env[n] for n in g.outputs)
 
-        return (lambda: g.compiled.fn(*inputs(), *scalar_values)), reference
+        return (lambda inputs: g.compiled.fn(*inputs, *scalar_values)), reference, make_inputs
+
+    @staticmethod
+    def _pattern_params(g: Group, args: tuple, graph: SubGraph) -> dict:
+        """The pattern's keyword params with runtime scalars resolved (to 1 without example args)."""
+        return {k: (args[v.index] if args else graph.scalars.get(v.index, float)(1)) if isinstance(v, ScalarArg)
+                else v for k, v in g.params.items()}
 
     def _decide_dynamic(self, graph: SubGraph, g: Group, values: dict, args: tuple) -> None:
-        fused_fn, reference_fn = self._callables(graph, g, values, args)
+        fused_fn, reference_fn, make_inputs = self._callables(graph, g, values, args)
         device = graph.meta[g.inputs[0]].device if g.inputs else "cpu"
         try:
-            fused_out = fused_fn()
+            fused_out = fused_fn(make_inputs())
             if self.config.debug_mode:
-                self._validate(g, fused_out, reference_fn())
+                ranges = None
+                if g.pattern is not None and g.pattern.stochastic:
+                    ranges = g.pattern.output_ranges(*make_inputs(), **self._pattern_params(g, args, graph))
+                self._validate(g, fused_out, reference_fn(make_inputs()), ranges)
         except Exception as e:
             if not self.config.fallback_on_error:
                 raise
@@ -385,19 +396,25 @@ class FusionScheduler:
             key = cache_key("decision", g.name, g.compiled.key if g.compiled else g.name,
                             [(list(graph.meta[n].shape), str(graph.meta[n].dtype)) for n in g.inputs],
                             device_name(device))
-            g.decision = self.heuristics.profile_and_decide(key, fused_fn, reference_fn, device)
+            g.decision = self.heuristics.profile_and_decide(key, fused_fn, reference_fn, make_inputs, device)
             g.record.t_fused, g.record.t_fallback = g.decision.t_fused, g.decision.t_fallback
+            g.record.timing = g.decision.mode
         g.record.decision, g.record.reason = g.decision.fuse, g.decision.reason
         g.record.decided_by = g.decision.source
 
-    def _validate(self, g: Group, fused: tuple, reference: tuple) -> None:
+    def _validate(self, g: Group, fused: tuple, reference: tuple, ranges: list | None = None) -> None:
+        """Values must match the reference; a stochastic pattern (kernel and reference draw
+        different random numbers) is held to shapes, dtypes, finiteness and its output ranges."""
         if len(fused) != len(reference):
             raise ValueError(f"kernel returned {len(fused)} outputs, reference {len(reference)}")
-        for name, a, b in zip(g.outputs, fused, reference):
+        stochastic = g.pattern is not None and g.pattern.stochastic
+        for name, a, b, bounds in zip(g.outputs, fused, reference, ranges or [None] * len(fused)):
             if a.shape != b.shape or a.dtype != b.dtype:
                 raise ValueError(f"output {name}: kernel gives {tuple(a.shape)} {a.dtype}, "
                                  f"reference {tuple(b.shape)} {b.dtype}")
-            if a.dtype.is_floating_point:
+            if stochastic:
+                _check_sample(name, a, b, bounds)
+            elif a.dtype.is_floating_point:
                 rtol, atol = self.config.tolerances.get(str(a.dtype).removeprefix("torch."), (1e-4, 1e-5))
                 torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"output {name}: {m}")
             elif not torch.equal(a, b):
@@ -572,6 +589,36 @@ class FusionScheduler:
 def _tensor_signature(graph: SubGraph, args: tuple) -> tuple:
     return tuple((pos, tuple(a.shape), str(a.dtype), tuple(a.stride())) if isinstance(a, torch.Tensor)
                  else (pos, type(a).__name__) for pos, a in enumerate(args))
+
+
+def _replica(t: torch.Tensor) -> torch.Tensor:
+    """A copy with t's sizes, strides and storage offset (in fresh storage of the same size):
+    compiled launchers bake strides in, and Triton specialises on pointer alignment, so a plain
+    .clone() of a view with gaps would be read with the wrong layout."""
+    storage = torch.empty(t.untyped_storage().nbytes() // t.element_size(), dtype=t.dtype, device=t.device)
+    copy = storage.as_strided(t.size(), t.stride(), t.storage_offset())
+    copy.copy_(t)
+    return copy
+
+
+def _shape_bucket(graph: SubGraph, inputs: list[str]) -> str:
+    """The largest input's shape and dtype, e.g. "32x4096 bfloat16"."""
+    if not inputs:
+        return ""
+    m = max((graph.meta[n] for n in inputs), key=lambda m: m.numel)
+    return "x".join(map(str, m.shape)) + " " + str(m.dtype).removeprefix("torch.")
+
+
+def _check_sample(name: str, sample: torch.Tensor, reference: torch.Tensor, bounds) -> None:
+    if sample.dtype.is_floating_point and bool((torch.isnan(sample) & ~torch.isnan(reference)).any()):
+        raise ValueError(f"output {name}: NaN where the reference has none")
+    if bounds is not None and sample.numel():
+        lo, hi = bounds
+        if sample.dtype == torch.bool:
+            sample = sample.to(torch.int8)
+        if bool(((sample < lo) | (sample > hi)).any()):
+            raise ValueError(f"output {name}: values in [{sample.min().item()}, {sample.max().item()}] "
+                             f"outside the valid range [{lo}, {hi}]")
 
 
 def _as_tuple(result) -> tuple:

@@ -864,6 +864,9 @@ class SampledTokenConfidencePattern(Pattern):
     def kernel(self, logits, temperature):
         return fused_token_confidence(logits, temperature, seed=_fresh_seed(logits.device))
 
+    def output_ranges(self, logits, temperature):
+        return [(0.0, 1.0), (0, logits.shape[-1] - 1)]  # a probability, a vocabulary index
+
     def bytes_moved(self, logits, temperature=1.0):
         return token_confidence_bytes(logits)
 

@@ -236,3 +236,28 @@ def test_program_is_cuda_graph_capturable(tmp_path):
     args[0].add_(1)
     graph.replay()
     torch.testing.assert_close(out, add_mul_then_norm(*args))
+
+
+@pytest.mark.cuda
+def test_pattern_program_profiled_in_graph_mode_replays_in_a_cuda_graph(tmp_path):
+    import difuse.patterns  # noqa: F401  (registers the patterns)
+
+    step = decode_step(TinyBlock().cuda())
+    h, cos, sin, positions, tokens = (t.cuda() for t in _step_inputs(5))
+    call = lambda block: (h, cos, sin, positions, block, 1e-6, 0.5, MASK_ID)  # noqa: E731
+    graph = record(step, *call(tokens.clone()))
+    scheduler = FusionScheduler(FusionConfig(cache_dir=tmp_path, profile=True, fallback_on_error=False))
+    program = scheduler.compile(graph, *call(tokens.clone()))
+    assert {g.timing for g in scheduler.report().groups if g.t_fused} == {"graph"}
+    block = tokens.clone()
+    program(*call(block))  # warm-up outside the capture
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cuda_graph):
+        out = program(*call(block))
+    h.copy_(torch.randn_like(h))  # new inputs in the captured buffers
+    block.copy_(tokens)
+    cuda_graph.replay()
+    eager_block = tokens.clone()
+    expected = step(*call(eager_block))
+    torch.testing.assert_close(out["hidden"], expected["hidden"])
+    assert torch.equal(out["accepted"], expected["accepted"]) and torch.equal(block, eager_block)
