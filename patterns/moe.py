@@ -77,6 +77,7 @@ def moe_dense_reference(x, w13, w2, weights, ids):
 # bounded by S + min(E, S) * (BLOCK_M - 1), and the blocks past the real padded count exit at
 # once. No host sync anywhere, so the whole op can be captured in a CUDA graph.
 
+import difuse.fusion  # noqa: E402,F401  (selects the Triton interpreter on CPU-only hosts before triton loads)
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -233,14 +234,22 @@ def _check(x, w13, w2, weights, ids):
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
               block_m: int | None = None) -> torch.Tensor:
-    """Triton routed experts; same result as moe_sorted_reference. x [N, H] -> [N, H] in x.dtype."""
+    """Triton routed experts; same result as moe_sorted_reference. x [N, H] -> [N, H] in x.dtype.
+
+    Runs as the custom op difuse::fused_moe, so a dispatch-level recorder (and torch.compile)
+    sees one op with a shape function instead of kernel launches it cannot follow."""
     _check(x, w13, w2, weights, ids)
+    return torch.ops.difuse.fused_moe(x, w13, w2, weights, ids, block_m or moe_block_m(ids.numel()))
+
+
+@torch.library.custom_op("difuse::fused_moe", mutates_args=())
+def _fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                  block_m: int) -> torch.Tensor:
     N, H = x.shape
     E, I, K = w13.shape[0], w13.shape[1] // 2, ids.shape[1]
     S = N * K
     if S == 0:
         return torch.zeros_like(x)
-    block_m = block_m or moe_block_m(S)
     sorted_slots, block_expert = align_by_expert(ids, E, block_m)
     P = sorted_slots.numel()
     # The Triton interpreter's tl.dot returns garbage for bf16 operands; there they are widened
@@ -264,6 +273,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, WIDEN=widen, num_warps=4,
     )
     return slot_out.view(N, K, H).sum(dim=1).to(x.dtype)
+
+
+@_fused_moe_op.register_fake
+def _(x, w13, w2, weights, ids, block_m):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def moe_bytes(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> int:

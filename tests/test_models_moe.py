@@ -367,3 +367,19 @@ def test_default_dispatch_is_sync_free(llada2_checkpoint):
     set_moe_dispatch(model, "sorted")
     with pytest.raises((RuntimeError, NotImplementedError)):
         model(input_ids, positions)
+
+
+@pytest.mark.cuda
+def test_fused_moe_in_recorded_captured_engine_gives_eager_tokens(llada2_checkpoint):
+    """difuse::fused_moe recorded into the fused denoise step and replayed in CUDA graphs decodes
+    exactly what the eager sorted reference does (fp32, greedy)."""
+    from difuse.runtime.config import GenerationConfig
+    from difuse.runtime.engine import Engine
+
+    model = load_model(llada2_checkpoint, "cuda", torch.float32)
+    config = GenerationConfig(gen_length=8, block_length=4, threshold=0.05, cache="dual")
+    prompt = [[5, 17, 42, 99, 3]]
+    set_moe_dispatch(model, "sorted")
+    eager = Engine(model, enable_fusion=False, cuda_graphs=False).generate(prompt, config)[0].sequence
+    set_moe_dispatch(model, "fused")
+    assert Engine(model, enable_fusion=True, cuda_graphs=True).generate(prompt, config)[0].sequence == eager
