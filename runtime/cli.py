@@ -94,11 +94,11 @@ def _distributed_rank() -> int:
 
 def _report(engine, args) -> int:
     report = engine.fusion_report()
-    print(report.table())
+    print(report)
     if args.html:
-        report.to_html(args.html)
+        report.save_html(args.html)
         print(f"wrote {args.html}", file=sys.stderr)
     if args.png:
-        report.to_png(args.png)
+        report.save_png(args.png)
         print(f"wrote {args.png}", file=sys.stderr)
     return 0

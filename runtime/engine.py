@@ -124,10 +124,11 @@ class Engine:
         longest = max(len(p) for p in prompts)
         prompt_length = -(-longest // config.prompt_multiple) * config.prompt_multiple
         length = prompt_length + config.gen_length
-        limit = getattr(model_config, "max_sequence_length", None)
+        limit = getattr(model_config, "max_sequence_length", None) or getattr(model_config, "max_position_embeddings",
+                                                                              None)
         if limit is not None and length > limit:
             raise ValueError(f"prompt ({longest} tokens, padded to {prompt_length}) + gen_length {config.gen_length} "
-                             f"exceeds the model's max_sequence_length {limit}")
+                             f"exceeds the model's maximum sequence length {limit}")
         tokens, pad_lengths = self._layout(prompts, prompt_length, length)
         positions = (torch.arange(length, device=self.device) - pad_lengths[:, None]).clamp(min=0)
         key_bias = key_padding_bias(pad_lengths, length, self.dtype)

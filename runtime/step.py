@@ -21,20 +21,12 @@ STEP_ARGS = ("tokens", "positions", "key_bias", "query_rows", "block_in_query", 
 SMOOTH_ARGS = ("smooth_weight", "soft_embeds")
 
 
-def embedding_matrix(model) -> torch.Tensor:
-    """The input embedding table [V, H] (for iteration smoothing's expected embeddings)."""
-    tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
-    if len(tables) != 1:
-        raise ValueError(f"iteration='smooth' needs exactly one input embedding table, the model has {len(tables)}")
-    return tables[0]
-
-
 def make_denoise_step(model, decoder: Decoder, cache: StaticKVCache | None, state_names: tuple[str, ...],
                       smooth: bool):
     """Returns step(*args) over STEP_ARGS + state_names (+ SMOOTH_ARGS when `smooth`), which
     returns the accepted-position mask [B, N]."""
     mask_id = decoder.mask_id
-    table = embedding_matrix(model) if smooth else None
+    table = model.embed_tokens.weight if smooth else None  # [V, H]: smoothing's expected embeddings
     n_fixed, n_state = len(STEP_ARGS), len(state_names)
 
     def denoise_step(*args):

@@ -133,5 +133,5 @@ def test_text_prompts_go_through_the_chat_template(tiny_path):
     config = GenerationConfig(gen_length=8, block_length=4, decoder="threshold", early_stop=False)
     result = engine.generate(["hello"], config)[0]
     assert isinstance(result.text, str) and len(result.sequence) == 8
-    with pytest.raises(ValueError, match="max_sequence_length"):
+    with pytest.raises(ValueError, match="maximum sequence length"):
         engine.generate(["x" * 600], config)
