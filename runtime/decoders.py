@@ -1,7 +1,8 @@
 """Decoders: which still-masked positions of the active block to commit after one denoise step.
 
-Every decoder takes the block's logits [B, N, V] and the block's tokens [B, N] (int64), writes the
-committed tokens into `block` in place and returns the accepted-position mask [B, N]. Decisions
+Every decoder takes the block's logits [B, N, V] and the block's tokens [B, N] (int64) and writes the
+committed tokens into `block` in place; it returns nothing, so the recorded step holds no extra
+reader of the selection's accept mask (the selection matchers want it used by the write only). Decisions
 stay on the device (no .item(), no data-dependent shapes), so a step can be captured in a CUDA
 graph and repeated on a finished block as a no-op: with no masked position nothing is accepted.
 The confidence selection goes through the difuse.patterns references (token_confidence,
@@ -29,7 +30,7 @@ class Decoder:
     def start_block(self, state: dict[str, torch.Tensor], block: torch.Tensor) -> None:
         """Reset per-block state in place (host side, before the block's first step)."""
 
-    def __call__(self, logits, block, state, threshold, low_threshold) -> torch.Tensor:
+    def __call__(self, logits, block, state, threshold, low_threshold) -> None:
         raise NotImplementedError
 
 
@@ -57,9 +58,8 @@ class FixedScheduleDecoder(Decoder):
             confidence = torch.rand(confidence.shape, device=confidence.device)
         masks, step = state["masks_at_start"], state["step_index"]
         count = masks // self.steps + (step < masks % self.steps).long()  # [B]
-        accept = topk_select(confidence, token, block, self.mask_id, count)
+        topk_select(confidence, token, block, self.mask_id, count)
         step.add_(1)
-        return accept
 
 
 class ThresholdDecoder(Decoder):
@@ -68,7 +68,7 @@ class ThresholdDecoder(Decoder):
 
     def __call__(self, logits, block, state, threshold, low_threshold):
         confidence, token = token_confidence(logits, self.temperature)
-        return threshold_select(confidence, token, block, self.mask_id, threshold)
+        threshold_select(confidence, token, block, self.mask_id, threshold)
 
 
 class HierarchyDecoder(Decoder):
@@ -86,9 +86,8 @@ class HierarchyDecoder(Decoder):
         run_best = torch.full_like(masked_confidence, float("-inf")).scatter_reduce(
             -1, run_id, masked_confidence, reduce="amax")
         run_accept = masked & (masked_confidence == run_best.gather(-1, run_id)) & (confidence > low_threshold)
-        accept = threshold_select(confidence, token, block, self.mask_id, threshold)
+        threshold_select(confidence, token, block, self.mask_id, threshold)
         block.copy_(torch.where(run_accept, token, block))
-        return accept | run_accept
 
 
 class CreditDecoder(Decoder):
@@ -117,7 +116,7 @@ class CreditDecoder(Decoder):
         boosted = logits.float() + self.alpha * torch.log1p(credit)
         confidence, token = token_confidence(boosted, self.temperature)
         step.add_(1)
-        return threshold_select(confidence, token, block, self.mask_id, threshold)
+        threshold_select(confidence, token, block, self.mask_id, threshold)
 
 
 def make_decoder(config: GenerationConfig, mask_id: int) -> Decoder:

@@ -99,7 +99,10 @@ class Engine:
             raise ValueError(f"a prompt must be a non-empty list of token ids in [0, {vocab})")
         return ids
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: under inference_mode the dispatcher keeps composite ops such as
+    # aten.to / softmax.int undecomposed, and the recorded step no longer has the forms the
+    # fusion pattern matchers recognise
+    @torch.no_grad()
     def generate(self, prompts: list[str] | list[list[int]], config: GenerationConfig | None = None,
                  chat: bool = True) -> list[Result]:
         config = config or GenerationConfig()

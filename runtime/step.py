@@ -23,8 +23,8 @@ SMOOTH_ARGS = ("smooth_weight", "soft_embeds")
 
 def make_denoise_step(model, decoder: Decoder, cache: StaticKVCache | None, state_names: tuple[str, ...],
                       smooth: bool):
-    """Returns step(*args) over STEP_ARGS + state_names (+ SMOOTH_ARGS when `smooth`), which
-    returns the accepted-position mask [B, N]."""
+    """Returns step(*args) over STEP_ARGS + state_names (+ SMOOTH_ARGS when `smooth`); the step
+    returns the per-row committed-token counter."""
     mask_id = decoder.mask_id
     table = model.embed_tokens.weight if smooth else None  # [V, H]: smoothing's expected embeddings
     n_fixed, n_state = len(STEP_ARGS), len(state_names)
@@ -48,16 +48,16 @@ def make_denoise_step(model, decoder: Decoder, cache: StaticKVCache | None, stat
         else:
             hidden = model.forward(query_ids, query_positions, cache=cache, attention_bias=bias)
         logits = model.compute_logits(hidden.index_select(1, block_in_query))  # [B, N, V]
-        accept = decoder(logits, block, state, threshold, low_threshold)
+        decoder(logits, block, state, threshold, low_threshold)
         tokens.index_copy_(1, block_rows, block)
         steps_taken.add_(masked_before.any(dim=-1).long())
-        committed.add_(accept.sum(dim=-1))
+        committed.add_(masked_before.sum(dim=-1) - (block == mask_id).sum(dim=-1))
         if smooth:
             # expected embedding under this step's prediction, fed to the still-masked rows next step
             # in the table's dtype: an fp32 copy of a 126k-row table would cost more than the step
             probs = torch.softmax(logits.float(), dim=-1)[..., : table.shape[0]]
             soft_embeds.copy_(probs.to(table.dtype) @ table)
-        return accept
+        return committed
 
     return denoise_step
 

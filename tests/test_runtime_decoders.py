@@ -19,10 +19,12 @@ def crafted_logits(top_tokens, confidences) -> torch.Tensor:
 
 
 def run(decoder, logits, block, threshold=0.5, low_threshold=0.3, state=None):
+    """Runs one decoder step; returns the positions it committed and the decoder state."""
     state = state if state is not None else decoder.init_state(block.shape[0], block.shape[1], V, "cpu")
+    masked = block == MASK
     with NoHostSync():
-        accept = decoder(logits, block, state, torch.tensor(threshold), torch.tensor(low_threshold))
-    return accept, state
+        assert decoder(logits, block, state, torch.tensor(threshold), torch.tensor(low_threshold)) is None
+    return masked & (block != MASK), state
 
 
 def test_threshold_accepts_everything_above_and_the_row_top1():
@@ -95,6 +97,7 @@ def test_credit_matches_its_definition_over_steps():
     credit = torch.zeros(2, 6, V)
     for step in range(3):
         logits = torch.randn(2, 6, V) * 2
+        logits[..., MASK] = -30.0  # committing the mask token itself would look like no commit
         masked = block == MASK
         if step:
             credit *= beta
@@ -117,5 +120,6 @@ def test_credit_matches_its_definition_over_steps():
 def test_temperature_samples_masked_positions_only():
     block = torch.tensor([[MASK, 1, MASK, MASK]])
     logits = torch.randn(1, 4, V)
+    logits[..., MASK] = -30.0
     accept, _ = run(ThresholdDecoder(MASK, 1.0), logits, block, threshold=1.0)
     assert accept.sum() == 1 and block[0, 1] == 1 and (block == MASK).sum() == 2

@@ -41,6 +41,9 @@ def test_fused_batch_with_smoothing_replays_and_reports(engines):
     expected = [r.sequence for r in eager.generate(prompts, config)]
     for _ in range(2):  # the second call replays the programs recorded by the first
         assert [r.sequence for r in fused.generate(prompts, config)] == expected
-    assert "groups" in str(fused.fusion_report())
+    # the step is recorded in the forms the pattern library knows (e.g. not under inference_mode)
+    report = str(fused.fusion_report())
+    for pattern in ("confidence_threshold_select", "add_rms_norm", "rope", "swiglu"):
+        assert pattern in report
     with pytest.raises(ValueError, match="fusion is disabled"):
         eager.fusion_report()
