@@ -33,7 +33,9 @@ class Result:
     sequence: list[int]  # the whole generated region (gen_length ids, EOS-filled after an early stop)
     steps: int  # denoise steps that still had masks to decode in this sequence's block
     tokens_per_step: float
-    ms_per_step: float  # wall time of the batch's steps while this sequence was in it
+    # wall time of the batch's steps while this sequence was in it; a shape bucket's first use also
+    # pays its recording, kernel compilation and graph capture, so time a second call
+    ms_per_step: float
     cache_refreshes: int
 
 
