@@ -37,12 +37,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, paths: dict, out_dir: str) -> None:
+def _worker(rank: int, port: int, paths: dict, out_dir: str, device: str = "cpu") -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    if device == "cuda":
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank, world_size=WORLD)
     from difuse.runtime.config import GenerationConfig
     from difuse.runtime.engine import Engine
 
@@ -50,36 +53,52 @@ def _worker(rank: int, port: int, paths: dict, out_dir: str) -> None:
     prompt = [[5, 17, 42, 99, 3]]
     results = {}
     for name, (kind, _, _, tp, ep) in CASES.items():
-        full = load_model(paths[name], "cpu", torch.float32)
-        shard = load_model(paths[name], "cpu", torch.float32, ParallelConfig(tensor_parallel=tp, expert_parallel=ep))
-        input_ids = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(7))
-        positions = torch.arange(9)[None]
+        full = load_model(paths[name], device, torch.float32)
+        shard = load_model(paths[name], device, torch.float32, ParallelConfig(tensor_parallel=tp, expert_parallel=ep))
+        input_ids = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(7)).to(device)
+        positions = torch.arange(9, device=device)[None]
         expected = full.compute_logits(full(input_ids, positions))
         got = shard.compute_logits(shard(input_ids, positions)[:, 2:6])  # the LM head on some rows only
-        results[name] = dict(expected=expected[:, 2:6], got=got, kv_heads=shard.num_kv_heads,
+        results[name] = dict(expected=expected[:, 2:6].cpu(), got=got.cpu(), kv_heads=shard.num_kv_heads,
                              params=sum(p.numel() for p in shard.parameters()),
                              full_params=sum(p.numel() for p in full.parameters()),
                              tokens=[Engine(m, enable_fusion=False).generate(prompt, generation)[0].sequence
                                      for m in (full, shard)])
     try:
-        load_model(paths["llada_tp_split_kv"], "cpu", torch.float32, ParallelConfig(False, True))
+        load_model(paths["llada_tp_split_kv"], device, torch.float32, ParallelConfig(False, True))
     except ValueError as error:
         results["dense_ep_error"] = str(error)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def parallel_results(tmp_path_factory):
-    root = tmp_path_factory.mktemp("parallel")
+def _run_spawned(root: Path, device: str) -> list[dict]:
     paths = {name: str(make_tiny_checkpoint(root / name, kind, seed=3, shards=shards, dtype=torch.float32, **overrides))
              for name, (kind, overrides, shards, _, _) in CASES.items()}
-    mp.spawn(_worker, args=(_free_port(), paths, str(root)), nprocs=WORLD)
+    mp.spawn(_worker, args=(_free_port(), paths, str(root), device), nprocs=WORLD)
     return [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def parallel_results(tmp_path_factory):
+    return _run_spawned(tmp_path_factory.mktemp("parallel"), "cpu")
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_sharded_logits_match_full_model(parallel_results, name):
+    _check_case(parallel_results, name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} GPUs")
+def test_nccl_sharded_logits_match_full_model(tmp_path):
+    """The same cases on two GPUs over NCCL, with the fused MoE kernels (the CUDA default)."""
+    results = _run_spawned(tmp_path, "cuda")
+    for name in CASES:
+        _check_case(results, name)
+
+
+def _check_case(parallel_results, name):
     kind, overrides, _, tp, ep = CASES[name]
     for rank in range(WORLD):
         result = parallel_results[rank][name]
