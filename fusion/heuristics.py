@@ -12,6 +12,8 @@ copies to exceed the L2 cache, so neither candidate is timed on L2-resident data
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import statistics
 import time
@@ -24,6 +26,8 @@ import torch
 from .cache import KernelCache
 from .config import FusionConfig
 from .ir import SubGraph
+
+log = logging.getLogger("difuse.fusion")
 
 
 @dataclass
@@ -76,9 +80,18 @@ def time_in_cuda_graph(calls: list[Callable[[], object]], min_calls: int = 32, r
     torch.cuda.synchronize()
     n = len(calls) * math.ceil(min_calls / len(calls))
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for k in range(n):
-            calls[k % len(calls)]()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # (torch.cuda.graph would leave its stream current if capture failed)
+        graph.capture_begin()
+        try:
+            for k in range(n):
+                calls[k % len(calls)]()
+        except Exception:
+            with contextlib.suppress(RuntimeError):  # the capture is invalid now; the first error says why
+                graph.capture_end()
+            raise
+        graph.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
     graph.replay()
     samples = []
     for _ in range(replays):
@@ -176,9 +189,13 @@ class FusionHeuristics:
             except Exception as e:  # the runtime replays steps in CUDA graphs: such a kernel cannot run there
                 return Decision(False, f"fused kernel cannot be captured in a CUDA graph: {e}", source="profiled",
                                 mode=mode)
-            t_fallback = time_in_cuda_graph([partial(fallback, s) for s in sets])
+            try:
+                t_fallback = time_in_cuda_graph([partial(fallback, s) for s in sets])
+            except Exception as e:  # the step cannot be graphed anyway: compare what it will pay, eager launches
+                log.warning("unfused ops of %s cannot be captured in a CUDA graph (%s): timing eagerly", key, e)
+                mode = "eager"
             del sets, first
-        else:
+        if mode == "eager":
             t_fused = time_callable(lambda: fused(make_inputs(False)), device)
             t_fallback = time_callable(lambda: fallback(make_inputs(False)), device)
         ratio = self.config.fusion_ratio

@@ -865,7 +865,8 @@ class SampledTokenConfidencePattern(Pattern):
         return fused_token_confidence(logits, temperature, seed=_fresh_seed(logits.device))
 
     def output_ranges(self, logits, temperature):
-        return [(0.0, 1.0), (0, logits.shape[-1] - 1)]  # a probability, a vocabulary index
+        # a probability (fp32 softmax may round a hair above 1), a vocabulary index
+        return [(0.0, 1.0 + 1e-5), (0, logits.shape[-1] - 1)]
 
     def bytes_moved(self, logits, temperature=1.0):
         return token_confidence_bytes(logits)

@@ -1,9 +1,14 @@
 """Profile timing modes (CUDA graph vs Python launches) and stochastic-pattern validation."""
 import pytest
 import torch
-
-from difuse.fusion import FusionConfig, FusionScheduler, Match, Pattern, record
-from difuse.fusion import heuristics
+from difuse.fusion import (
+    FusionConfig,
+    FusionScheduler,
+    Match,
+    Pattern,
+    heuristics,
+    record,
+)
 from difuse.patterns.rms_norm import rms_norm
 
 
@@ -163,3 +168,40 @@ def test_input_replicas_keep_the_layout_of_views():
     copy = _replica(view)
     assert copy.stride() == view.stride() and copy.storage_offset() == view.storage_offset()
     assert torch.equal(copy, view) and copy.untyped_storage().data_ptr() != view.untyped_storage().data_ptr()
+
+
+@pytest.mark.gpu
+def test_sampled_confidence_passes_debug_validation_in_the_scheduler(device, tmp_path):
+    from difuse.patterns.confidence import (
+        SampledTokenConfidencePattern,
+        token_confidence,
+    )
+
+    logits = torch.randn(3, 40, device=device)
+    graph = record(token_confidence, logits, 0.7)
+    scheduler = _pick_scheduler(tmp_path, SampledTokenConfidencePattern(), profile=True, fusion_ratio=1e5)
+    scheduler.dispatch(graph, logits, 0.7)
+    [group] = scheduler.report().groups
+    assert group.name == "sampled_token_confidence" and group.decision
+    confidence, token = scheduler.dispatch(graph, logits, 0.7)
+    assert confidence.shape == token.shape == (3,) and bool(((confidence > 0) & (confidence <= 1 + 1e-5)).all())
+    assert 0 <= int(token.min()) and int(token.max()) < 40
+
+
+@pytest.mark.parametrize("failing, fused, timing", [(1, False, "graph"), (2, True, "eager")])
+def test_capture_failures_in_graph_mode(tmp_path, monkeypatch, failing, fused, timing):
+    """An uncapturable fused kernel is rejected; uncapturable unfused ops are timed eagerly instead."""
+    attempts = []
+
+    def capture_fails_on_attempt(calls):
+        attempts.append(calls)
+        if len(attempts) == failing:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return 1e-9
+
+    monkeypatch.setattr(heuristics, "timing_mode", lambda requested, device: requested)
+    monkeypatch.setattr(heuristics, "rotation_copies", lambda footprint, device: 2)
+    monkeypatch.setattr(heuristics, "time_in_cuda_graph", capture_fails_on_attempt)
+    group = _norm_run(tmp_path, "graph")
+    assert group.decision == fused and group.timing == timing
+    assert ("cannot be captured" in group.reason) == (not fused)
