@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -99,7 +98,7 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of the device (an H100's 132 under the CPU interpreter)."""
     if device.type == "cuda":

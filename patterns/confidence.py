@@ -70,6 +70,8 @@ import triton.language as tl  # noqa: E402
 import functools  # noqa: E402
 
 from difuse.patterns._rows import (  # noqa: E402
+    PlanCache,
+    RowView,
     cdiv,
     check_float,
     check_runtime_device,
@@ -77,6 +79,7 @@ from difuse.patterns._rows import (  # noqa: E402
     next_pow2,
     row_view,
     sm_count,
+    tensor_key,
 )
 
 _NO_INDEX = tl.constexpr(2**31 - 1)  # "no token yet"; also bounds the vocabulary (int32 indices)
@@ -297,9 +300,25 @@ def plan_vocab_pass(rows: int, vocab: int, device: torch.device, splits: int | N
     return cdiv(vocab, chunk), block_v, chunk
 
 
+_LOGITS_ROWS = PlanCache()
+
+
+def _logits_rows(logits: torch.Tensor) -> RowView:
+    """row_view of the logits, its layout planned once per (shape, strides, dtype, device)."""
+    copy, layout = _LOGITS_ROWS.get(tensor_key(logits), lambda: _row_layout(logits))
+    if copy:
+        return row_view(logits)
+    return RowView(logits, *layout)
+
+
+def _row_layout(t: torch.Tensor) -> tuple[bool, tuple]:
+    view = row_view(t)
+    return view.tensor is not t, (view.rows, view.inner, view.stride_outer, view.stride_inner)
+
+
 def _vocab_pass(logits, block, mask_id, temperature, seed, splits, block_v, final):
     """Launch the vocabulary pass over the rows of logits [..., V]. Returns partials or (conf, token)."""
-    view = row_view(logits)
+    view = _logits_rows(logits)
     V = logits.shape[-1]
     device = logits.device
     splits, block_v, chunk = plan_vocab_pass(view.rows, V, device, splits, block_v)
@@ -314,14 +333,12 @@ def _vocab_pass(logits, block, mask_id, temperature, seed, splits, block_v, fina
         token = torch.empty(view.rows, dtype=torch.int64, device=device)
         partials = (conf,) * 5
     else:
-        part_l = torch.empty(shape, **f32) if sample else None
-        partials = (torch.empty(shape, **f32), torch.empty(shape, **f32), torch.empty(shape, **f32),
-                    torch.empty(shape, dtype=torch.int32, device=device))
-        partials = partials + (part_l if sample else partials[0],)
+        # one allocation for the float partials (m, s, key and, when sampling, the winner's logit)
+        floats = torch.empty((4 if sample else 3, *shape), **f32).unbind(0)
+        partials = (*floats[:3], torch.empty(shape, dtype=torch.int32, device=device), floats[-1])
         conf = token = partials[0]
     if block is not None:
-        bview = RowBlock(block)
-        block_args = (block, bview.n, bview.stride_b, bview.stride_n, int(mask_id))
+        block_args = (block, block.shape[1], *block.stride(), int(mask_id))
     else:
         block_args = (logits, 1, 0, 0, 0)
     if view.rows:
@@ -338,7 +355,7 @@ def _vocab_pass(logits, block, mask_id, temperature, seed, splits, block_v, fina
             SAMPLE=sample,
             SEED_FROM_PTR=seed_from_ptr,
             FINAL=final,
-            num_warps=8 if block_v >= 4096 else 4,
+            num_warps=16 if block_v >= 8192 else 8 if block_v >= 4096 else 4,
         )
     if final:
         return conf, token

@@ -35,6 +35,7 @@ from difuse.patterns._rows import (  # noqa: E402
     check_same_device,
     next_pow2,
     row_num_warps,
+    sm_count,
     tensor_key,
 )
 
@@ -46,13 +47,26 @@ def _norm_rope_kernel(
     cos_ptr, sin_ptr, cs_sb, cs_st,  # [B or 1, T, R] fp32, unit stride in R
     y_ptr,  # contiguous [B, T, H, D]
     T, H, D, half, eps,  # half = R / 2
+    n_pos,  # B * T
     NORM: tl.constexpr,
     HAS_PASS: tl.constexpr,  # R < D
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
+    POSITIONS: tl.constexpr,  # consecutive positions per program (unrolled: their loads overlap)
 ):
-    pos = tl.program_id(0)
+    for i in tl.static_range(POSITIONS):
+        pos = tl.program_id(0) * POSITIONS + i
+        if pos < n_pos:
+            _norm_rope_position(pos, x_ptr, x_sb, x_st, x_sh, w_ptr, cos_ptr, sin_ptr, cs_sb, cs_st, y_ptr,
+                                T, H, D, half, eps, NORM, HAS_PASS, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
+
+
+@triton.jit
+def _norm_rope_position(pos, x_ptr, x_sb, x_st, x_sh, w_ptr, cos_ptr, sin_ptr, cs_sb, cs_st, y_ptr,
+                        T, H, D, half, eps, NORM: tl.constexpr, HAS_PASS: tl.constexpr,
+                        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
+    """Heads tile program_id(1) of one (b, t) position."""
     b = (pos // T).to(tl.int64)
     t = (pos % T).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -127,12 +141,16 @@ def _plan_norm_rope(x, weight, cos, sin) -> tuple:
     cos_strides = cos.contiguous().stride() if rope_copy else cos.stride()
     block_half, block_pass = next_pow2(R // 2), next_pow2(D - R)
     block_h = min(next_pow2(H), max(1, 4096 // next_pow2(D)))
+    head_tiles = cdiv(H, block_h)
+    # Past ~16 programs per SM, two positions per program halve the programs and overlap their loads.
+    positions = 2 if B * T * head_tiles >= 16 * sm_count(x.device) else 1
     launch = dict(
         x_copy=x_copy, rope_copy=rope_copy, weight_copy=weight is not None and not weight.is_contiguous(),
-        grid=(B * T, cdiv(H, block_h)), x_strides=x_strides[:3],
-        rope_strides=(cos_strides[0] if cos.shape[0] > 1 else 0, cos_strides[1]), sizes=(T, H, D, R // 2),
+        grid=(cdiv(B * T, positions), head_tiles), x_strides=x_strides[:3],
+        rope_strides=(cos_strides[0] if cos.shape[0] > 1 else 0, cos_strides[1]),
+        sizes=(T, H, D, R // 2), n_pos=B * T,
         constants=dict(NORM=weight is not None, HAS_PASS=R < D, BLOCK_H=block_h, BLOCK_HALF=block_half,
-                       BLOCK_PASS=block_pass,
+                       BLOCK_PASS=block_pass, POSITIONS=positions,
                        num_warps=row_num_warps(block_h * (2 * block_half + (block_pass if R < D else 0)))),
     )
     return out_dtype, launch
@@ -161,7 +179,7 @@ def launch_norm_rope(x, weight, eps, cos, sin) -> torch.Tensor:
         x, *plan["x_strides"],
         weight if weight is not None else x,
         cos, sin, *plan["rope_strides"],
-        y, *plan["sizes"], float(eps),
+        y, *plan["sizes"], float(eps), plan["n_pos"],
         **plan["constants"],
     )
     return y

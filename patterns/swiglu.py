@@ -21,7 +21,16 @@ def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from difuse.patterns._rows import cdiv, check_float, check_runtime_device, check_same_device, next_pow2, row_view  # noqa: E402
+from difuse.patterns._rows import (  # noqa: E402
+    PlanCache,
+    cdiv,
+    check_float,
+    check_runtime_device,
+    check_same_device,
+    next_pow2,
+    row_view,
+    tensor_key,
+)
 
 
 @triton.jit
@@ -50,21 +59,34 @@ def _swiglu_block(width: int) -> tuple[int, int]:
     return block, max(1, min(8, block // 512))
 
 
-def _launch_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _plan_swiglu(gate: torch.Tensor, up: torch.Tensor) -> tuple:
     check_runtime_device(gate)
     width = gate.shape[-1]
-    y = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
-    if y.numel() == 0:
-        return y
+    out_dtype = torch.promote_types(gate.dtype, up.dtype)
+    if gate.numel() == 0:
+        return out_dtype, None
     gv, uv = row_view(gate), row_view(up)
     block, num_warps = _swiglu_block(width)
     col_blocks = cdiv(width, block)
-    _swiglu_kernel[(gv.rows * col_blocks,)](
-        gv.tensor, gv.inner, gv.stride_outer, gv.stride_inner,
-        uv.tensor, uv.inner, uv.stride_outer, uv.stride_inner,
-        y, width, col_blocks,
-        BLOCK=block,
-        num_warps=num_warps,
+    return out_dtype, dict(
+        gate_copy=gv.tensor is not gate, gate_layout=(gv.inner, gv.stride_outer, gv.stride_inner),
+        up_copy=uv.tensor is not up, up_layout=(uv.inner, uv.stride_outer, uv.stride_inner),
+        grid=(gv.rows * col_blocks,), sizes=(width, col_blocks), constants=dict(BLOCK=block, num_warps=num_warps))
+
+
+_PLANS = PlanCache()
+
+
+def _launch_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    out_dtype, plan = _PLANS.get((tensor_key(gate), tensor_key(up)), lambda: _plan_swiglu(gate, up))
+    y = torch.empty(gate.shape, dtype=out_dtype, device=gate.device)
+    if plan is None:
+        return y
+    _swiglu_kernel[plan["grid"]](
+        gate.contiguous() if plan["gate_copy"] else gate, *plan["gate_layout"],
+        up.contiguous() if plan["up_copy"] else up, *plan["up_layout"],
+        y, *plan["sizes"],
+        **plan["constants"],
     )
     return y
 

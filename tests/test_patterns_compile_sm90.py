@@ -48,6 +48,10 @@ def _launches() -> list:
     rope.fused_apply_rope(q, partial, partial)
     qk_norm.fused_qk_norm_rope(q, torch.randn(64, dtype=dt), 1e-6, partial, partial)
     qk_norm.fused_qk_norm_rope(q, torch.randn(64, dtype=dt), 1e-6, full, full)
+    many = torch.randn(1, 2112, 4, 64, dtype=dt)  # enough positions for two per program
+    many_table = torch.randn(1, 2112, 64)
+    rope.fused_apply_rope(many, many_table, many_table)
+    qk_norm.fused_qk_norm_rope(many, torch.randn(64, dtype=dt), 1e-6, many_table, many_table)
     logits, block = torch.randn(2, 4, 5000, dtype=dt), torch.full((2, 4), 7)
     for splits in (1, 3):
         for temperature, seed in ((0.0, 0), (0.7, 5), (0.7, torch.tensor(5))):
@@ -57,6 +61,7 @@ def _launches() -> list:
         confidence.confidence_topk_select(logits, block, 7, torch.tensor([1, 2]), splits=splits)
         confidence.confidence_topk_select(logits, block, 7, 2, splits=splits)
         confidence.confidence_topk_select(logits, block, 7, 2, 0.7, 5, splits=splits)
+    confidence.fused_token_confidence(torch.randn(2, 20000, dtype=dt), splits=1, block_v=8192)  # 16 warps
     conf, token = torch.rand(2, 4), torch.randint(0, 9, (2, 4))
     confidence.fused_threshold_select(conf, token, block, 7, 0.5)
     confidence.fused_topk_select(conf, token, block, 7, 2)

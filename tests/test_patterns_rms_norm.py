@@ -48,6 +48,22 @@ def test_rms_norm_rejects_bad_input(device):
         fused_rms_norm(x, torch.ones(8, device=device), -1.0)
 
 
+@pytest.mark.gpu
+def test_cached_launch_plans_serve_new_tensors_of_the_same_layout(device):
+    """The second call of each layout takes its plan from the cache: a view that needs a copy
+    (three strided row dims) and one that does not, with new data each time."""
+    for _ in range(2):
+        scattered = torch.randn(3, 4, 5, 6, 40, device=device)[:, ::2, :, ::2, :]  # no 2-dim row view
+        sliced = torch.randn(5, 48, device=device)[:, 4:44]
+        w = torch.randn(40, device=device)
+        assert_close(fused_rms_norm(scattered, w, 1e-6), rms_norm(scattered, w, 1e-6))
+        assert_close(fused_rms_norm(sliced, w, 1e-6), rms_norm(sliced, w, 1e-6))
+    with pytest.raises(ValueError, match="weight must be"):
+        fused_rms_norm(sliced, torch.randn(41, device=device), 1e-6)
+    with pytest.raises(ValueError, match="eps"):
+        fused_rms_norm(sliced, w, -1.0)
+
+
 def test_rms_norm_bytes():
     x, w = torch.empty(4, 8, dtype=torch.bfloat16), torch.empty(8, dtype=torch.bfloat16)
     assert rms_norm_bytes(x, w) == 4 * 8 * 2 * 2 + 8 * 2

@@ -65,3 +65,27 @@ def test_rope_matcher_swapped_operands(device):
         return sin[:, :, None, :] * torch.cat((-x2, x1), dim=-1) + cos[:, :, None, :] * x
 
     check_match_runs(RoPEPattern(), swapped, (torch.randn(1, 3, 2, 8, device=device), *tables(1, 3, 8, device)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("norm", [False, True])
+def test_two_positions_per_program_with_an_odd_tail(device, norm, monkeypatch):
+    """Two positions per program once there are >= 16 programs per SM (a 1-SM device here keeps the
+    interpreter quick); the odd count of 17 positions leaves the last program one position."""
+    from difuse.patterns import rope
+    from difuse.patterns.qk_norm import fused_qk_norm_rope, qk_norm_rope
+
+    monkeypatch.setattr(rope, "sm_count", lambda device: 1)
+    monkeypatch.setattr(rope, "_PLANS", rope.PlanCache())
+    launched = []
+    kernel = rope._norm_rope_kernel
+    monkeypatch.setattr(rope, "_norm_rope_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: launched.append(grid) or kernel[grid]})())
+    x = torch.randn(1, 17, 3, 8, device=device)
+    cos, sin = tables(1, 17, 8, device)
+    if norm:
+        w = torch.randn(8, device=device)
+        assert_close(fused_qk_norm_rope(x, w, 1e-6, cos, sin), qk_norm_rope(x, w, 1e-6, cos, sin))
+    else:
+        assert_close(fused_apply_rope(x, cos, sin), apply_rope(x, cos, sin))
+    assert launched == [(9, 1)]
