@@ -1,0 +1,5 @@
+import sys
+
+from difuse.runtime.cli import main
+
+sys.exit(main())
