@@ -163,6 +163,15 @@ class BlockBatcher:
                 del self._groups[key]
         return stats
 
+    def abort(self, reason: str = "error") -> None:
+        """End every running and waiting sequence (after a step failed: its rows' state is unknown)."""
+        with self._lock:
+            waiting, self._pending = list(self._pending), deque()
+        running = [s for group in self._groups.values() for s in group.rows]
+        self._groups.clear()
+        for sequence in running + waiting:
+            self._finish(sequence, [], reason)
+
     def _admit(self) -> None:
         now = time.monotonic()
         with self._lock:
