@@ -537,6 +537,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--no-fusion", action="store_true", help="run the denoise step eagerly")
     parser.add_argument("--no-cuda-graph", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 avoids "
+                        "OpenMP spin-waiting on a shared, oversubscribed CPU")
     parser.add_argument("--max-batch-size", type=int, default=16, help="rows of one running batch")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
@@ -560,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     try:
         defaults = GenerationConfig(gen_length=args.gen_length, block_length=args.block_length, decoder=args.decoder,
