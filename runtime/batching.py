@@ -41,8 +41,9 @@ from difuse.runtime.config import GenerationConfig
 from difuse.runtime.iteration import BlockStats, run_block
 from difuse.runtime.workspace import Workspace
 
-# settings that never enter a step: they may differ inside one group
-_PER_ROW_SETTINGS = ("gen_length", "early_stop", "batch_size", "seed")
+# settings that never enter a step: they may differ inside one group (the fixed schedule's
+# `steps` counts the whole generation; its steps per block are what a block runs)
+_PER_ROW_SETTINGS = ("gen_length", "steps", "early_stop", "batch_size", "seed")
 
 
 class QueueFull(RuntimeError):
@@ -97,7 +98,8 @@ class StepStats:
 
 def group_key(config: GenerationConfig) -> tuple:
     values = dataclasses.asdict(config)
-    return tuple(sorted((k, v) for k, v in values.items() if k not in _PER_ROW_SETTINGS))
+    shared = sorted((k, v) for k, v in values.items() if k not in _PER_ROW_SETTINGS)
+    return tuple(shared) + (("steps_per_block", config.steps_per_block),)
 
 
 class _Group:

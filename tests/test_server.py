@@ -244,3 +244,16 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client):
         assert time.monotonic() < deadline, "the disconnected stream's row stayed in the batch"
         time.sleep(0.1)
     assert client.completions.create(model=MODEL, prompt="after disconnect", max_tokens=8).choices
+
+
+def test_load_bench_counts_every_request_and_reports_percentiles(server):
+    load = pytest.importorskip("bench.load")
+    summary = load.run(server, None, concurrency=4, requests=12, max_seconds=60, timeout=60,
+                       body={"prompt": "load", "max_tokens": 8, "stream": True})
+    assert summary["sent"] == summary["ok"] == 12 and summary["model"] == MODEL
+    assert 0 < summary["latency_p50_s"] <= summary["latency_p90_s"] <= summary["latency_p99_s"]
+    assert 0 < summary["first_block_p50_s"] <= summary["latency_p99_s"]
+    assert summary["completion_tokens_per_s"] > 0
+    for remote in ("http://10.1.2.3:80", "http://example.com:80", "https://127.0.0.1:1"):
+        with pytest.raises(ValueError):
+            load.loopback_address(remote)
