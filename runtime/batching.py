@@ -114,8 +114,9 @@ class _Group:
 
 class BlockBatcher:
     def __init__(self, engine, max_batch_size: int = 16, max_queue: int = 64, max_workspaces: int = 8):
-        if max_batch_size < 1 or max_queue < 0:
-            raise ValueError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
+        if max_batch_size < 1 or max_queue < 1 or max_workspaces < 1:
+            raise ValueError("max_batch_size, max_queue and max_workspaces must be >= 1, got "
+                             f"{max_batch_size}, {max_queue}, {max_workspaces}")
         self.engine = engine
         self.max_batch_size, self.max_queue, self.max_workspaces = max_batch_size, max_queue, max_workspaces
         model_config = engine.model.config

@@ -87,6 +87,10 @@ class _Body(BaseModel):
 
 class CompletionRequest(_Body):
     prompt: str | list[str] | list[int] | list[list[int]]
+    # accepted so that a request using them gets a clear "not supported" instead of silence
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
 
 
 class _TextPart(BaseModel):
@@ -104,6 +108,8 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 # -- the engine side --------------------------------------------------------------------------
@@ -112,12 +118,12 @@ class GenerationService:
     running; request handlers submit sequences and receive block events on their event loop."""
 
     def __init__(self, engine, model_name: str, defaults: GenerationConfig, max_batch_size: int = 16,
-                 max_queue: int = 64, request_timeout: float = 600.0):
+                 max_queue: int = 64, request_timeout: float = 600.0, max_workspaces: int = 4):
         if engine.tokenizer is None:
             raise ValueError("the server needs a checkpoint with a tokenizer")
         self.engine, self.model_name, self.defaults = engine, model_name, defaults
         self.request_timeout = request_timeout
-        self.batcher = BlockBatcher(engine, max_batch_size, max_queue)
+        self.batcher = BlockBatcher(engine, max_batch_size, max_queue, max_workspaces)
         self.max_sequence_length = getattr(engine.model.config, "max_sequence_length", None)
         self.created = int(time.time())
         self._wake, self._stop = threading.Event(), threading.Event()
@@ -311,14 +317,19 @@ class _Job:
 
     async def updates(self, request: Request):
         """Yields (index, delta, finish_reason) per block event until every choice finished;
-        a client that went away cancels the job."""
+        a client that went away (checked at most every 0.5 s) cancels the job."""
+        checked = time.monotonic()
         while not self.done:
             try:
                 index, event = await asyncio.wait_for(self.events.get(), timeout=0.5)
             except asyncio.TimeoutError:
+                index, event = None, None
+            if time.monotonic() - checked >= 0.5:
                 if await request.is_disconnected():
                     self.cancel()
                     return
+                checked = time.monotonic()
+            if event is None:
                 continue
             choice = self.choices[index]
             was_open = choice.finish_reason is None
@@ -389,7 +400,7 @@ def create_app(service: GenerationService) -> FastAPI:
             return reply(request, ApiError(400, f"the request body is not valid JSON: {first.get('msg')}",
                                            code="invalid_json"))
         # pydantic reports which union member failed (e.g. prompt.str); keep the field path only
-        param = ".".join(p for p in location if not p.isidentifier() or p in _FIELD_NAMES) or None
+        param = ".".join(p for p in location if p.isdigit() or p in _FIELD_NAMES) or None
         return reply(request, ApiError(422, f"{param or 'body'}: {first.get('msg')}", param=param,
                                        code=first.get("type")))
 
@@ -408,6 +419,12 @@ def create_app(service: GenerationService) -> FastAPI:
         if body.seed is not None:
             raise ApiError(400, "seed is not supported: sampled requests share the random stream of their batch",
                            param="seed")
+        unsupported = {"logprobs": getattr(body, "logprobs", None) not in (None, False),
+                       "echo": getattr(body, "echo", False), "suffix": getattr(body, "suffix", None) is not None,
+                       "tools": bool(getattr(body, "tools", None))}
+        for name, used in unsupported.items():
+            if used:
+                raise ApiError(400, f"{name} is not supported by this server", param=name, code="unsupported")
 
     @app.get("/health")
     async def health():
@@ -541,6 +558,8 @@ def _parser() -> argparse.ArgumentParser:
                         "OpenMP spin-waiting on a shared, oversubscribed CPU")
     parser.add_argument("--max-batch-size", type=int, default=16, help="rows of one running batch")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
+    parser.add_argument("--max-workspaces", type=int, default=4,
+                        help="(batch, length) buckets kept with their KV caches and recordings (LRU)")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     defaults = GenerationConfig()
     parser.add_argument("--gen-length", type=int, default=defaults.gen_length, help="default gen_length")
@@ -572,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine.from_pretrained(args.model, args.device, dtype, not args.no_fusion, not args.no_cuda_graph)
         name = args.model_name or Path(args.model or "difuse-builtin").resolve().name
         service = GenerationService(engine, name, defaults, args.max_batch_size, args.max_queue,
-                                    args.request_timeout)
+                                    args.request_timeout, args.max_workspaces)
     except ValueError as error:
         print(f"difuse serve: error: {error}", file=sys.stderr)
         return 2

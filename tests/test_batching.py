@@ -87,3 +87,16 @@ def test_settings_that_differ_run_in_separate_groups_and_cancel_frees_a_row(tiny
     assert a.generated == engine.generate([[5, 6, 7]], greedy)[0].sequence
     assert b.generated == engine.generate([[5, 6, 7]], strict)[0].sequence
     assert batcher.idle() and [e.finish_reason for i, e in events if i == c.id] == [None, "cancelled"]
+
+
+@pytest.mark.cuda
+def test_fused_cuda_graph_batches_match_each_prompt_alone(tiny_path):
+    """On the GPU the batcher's workspaces record, fuse and capture their steps like Engine's."""
+    engine = Engine(load_model(tiny_path, "cuda", torch.float32), enable_fusion=True)
+    prompts = _prompts(6, seed=5)
+    configs = [GenerationConfig(gen_length=8 * (1 + i % 3), block_length=8, cache=("none", "dual")[i % 2],
+                                threshold=0.05, early_stop=False) for i in range(len(prompts))]
+    alone = [engine.generate([p], c)[0] for p, c in zip(prompts, configs)]
+    sequences = [Sequence(p, c) for p, c in zip(prompts, configs)]
+    _run_staggered(BlockBatcher(engine, max_batch_size=4), sequences, per_boundary=2)
+    assert [s.generated for s in sequences] == [r.sequence for r in alone]

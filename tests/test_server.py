@@ -196,6 +196,8 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, cli
     status, body = _post(server, "/v1/completions", {"model": MODEL, "prompt": [99999]})
     assert status == 400
     _assert_openai_error(body, param="prompt")
+    with pytest.raises(openai.BadRequestError, match="logprobs is not supported"):
+        client.completions.create(model=MODEL, prompt="hi", logprobs=2)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="hi")
     assert client.completions.create(model=MODEL, prompt="still here", max_tokens=8).choices[0].text is not None
