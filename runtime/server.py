@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -213,13 +214,15 @@ class GenerationService:
             block = settings["block_length"]
             settings["gen_length"] = -(-max_tokens // block) * block if isinstance(block, int) and block > 0 \
                 else max_tokens
-        if settings["decoder"] in ("fixed", "random") and "steps" not in given and settings["steps"] is None:
-            settings["steps"] = settings["gen_length"]  # one token per step: LLaDA's default schedule
+        if "steps" not in given:  # the default's steps belong to the default's decoder and gen_length
+            fixed = settings["decoder"] in ("fixed", "random")
+            settings["steps"] = settings["gen_length"] if fixed else None  # fixed: LLaDA's one token per step
         try:
             return GenerationConfig(**settings)
         except ValueError as error:
             message = str(error)
-            param = next((name for name in SETTINGS if name in message), None)
+            named = [(match.start(), match.group()) for match in re.finditer(r"\w+", message) if match.group() in SETTINGS]
+            param = min(named)[1] if named else None
             raise ApiError(400, f"invalid generation settings: {message}", param=param,
                            code="invalid_generation_settings") from None
 

@@ -186,8 +186,12 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, cli
     _assert_openai_error(body)
     with pytest.raises(openai.BadRequestError) as error:
         client.completions.create(model=MODEL, prompt="hi", extra_body={"gen_length": 20})
-    _assert_openai_error(error.value.body if "error" in error.value.body else {"error": error.value.body},
-                         param="gen_length", code="invalid_generation_settings")
+    _assert_openai_error({"error": error.value.body}, param="gen_length", code="invalid_generation_settings")
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model=MODEL, prompt="hi", extra_body={"decoder": "fixed", "steps": 3})
+    _assert_openai_error({"error": error.value.body}, param="steps", code="invalid_generation_settings")
+    fixed = client.completions.create(model=MODEL, prompt="hi", max_tokens=16, extra_body={"decoder": "fixed"})
+    assert fixed.model_extra["difuse"]["steps"] == 16  # default schedule: one token per step
     with pytest.raises(openai.UnprocessableEntityError):
         client.completions.create(model=MODEL, prompt="hi", extra_body={"decoder": "nonsense"})
     with pytest.raises(openai.BadRequestError) as error:
