@@ -494,7 +494,7 @@ async def _respond(service: GenerationService, request: Request, body: _Body, pr
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         service.requests.inc(endpoint=request.url.path, status="200")
-        return StreamingResponse(_stream(job, request, kind, identity, chat, include_usage),
+        return StreamingResponse(_stream(job, request, identity, chat, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
         async for _ in job.updates(request):
@@ -513,7 +513,7 @@ async def _respond(service: GenerationService, request: Request, body: _Body, pr
     return {**identity, "object": kind, "choices": choices, "usage": job.usage(), "difuse": job.stats()}
 
 
-async def _stream(job: _Job, request: Request, kind: str, identity: dict, chat: bool, include_usage: bool):
+async def _stream(job: _Job, request: Request, identity: dict, chat: bool, include_usage: bool):
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(index: int, delta: str | None, finish_reason: str | None, role: bool = False) -> dict:
