@@ -237,7 +237,7 @@ class GenerationService:
         return list(self.engine.tokenizer(text)["input_ids"])
 
     def encode_ids(self, ids: list[int]) -> list[int]:
-        vocab = self.engine.model.config.embedding_size
+        vocab = self.engine.model.vocab_size
         if not ids or not all(0 <= t < vocab for t in ids):
             raise ApiError(400, f"a token-id prompt must be a non-empty list of ids in [0, {vocab})", param="prompt")
         return ids
