@@ -100,3 +100,15 @@ def test_fused_cuda_graph_batches_match_each_prompt_alone(tiny_path):
     sequences = [Sequence(p, c) for p, c in zip(prompts, configs)]
     _run_staggered(BlockBatcher(engine, max_batch_size=4), sequences, per_boundary=2)
     assert [s.generated for s in sequences] == [r.sequence for r in alone]
+
+
+@pytest.mark.parametrize("kind", ["llada_moe", "llada2"])
+def test_moe_families_batch_like_each_prompt_alone(tmp_path, kind):
+    engine = Engine(load_model(make_tiny_checkpoint(tmp_path, kind=kind), "cpu", torch.float32), enable_fusion=False)
+    prompts = _prompts(4, seed=2)
+    configs = [GenerationConfig(gen_length=8 * (1 + i % 2), block_length=8, threshold=0.05, cache="dual",
+                                early_stop=False) for i in range(len(prompts))]
+    alone = [engine.generate([p], c)[0].sequence for p, c in zip(prompts, configs)]
+    sequences = [Sequence(p, c) for p, c in zip(prompts, configs)]
+    _run_staggered(BlockBatcher(engine, max_batch_size=3), sequences, per_boundary=2)
+    assert [s.generated for s in sequences] == alone
