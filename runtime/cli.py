@@ -1,4 +1,4 @@
-"""Command line: `difuse generate` and `difuse report` (also `python -m difuse.runtime`)."""
+"""Command line: `difuse generate`, `difuse report` and `difuse serve` (also `python -m difuse.runtime`)."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     report.add_argument("--html", help="also write the report as an HTML page here")
     report.add_argument("--png", help="also write the report's bar chart here")
+    # serve parses its own options (runtime/server.py) so that generate never imports the web stack
+    commands.add_parser("serve", add_help=False, help="OpenAI-compatible HTTP server (see difuse serve --help)")
     return parser
 
 
@@ -56,7 +58,14 @@ def _config(args) -> GenerationConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, serve_args = parser.parse_known_args(argv)
+    if args.command == "serve":
+        from difuse.runtime.server import main as serve
+
+        return serve(serve_args)
+    if serve_args:
+        parser.error(f"unrecognized arguments: {' '.join(serve_args)}")
     from difuse.runtime.engine import Engine
 
     try:
