@@ -66,19 +66,22 @@ def held_out_problems(n: int, seed: int = BENCH_SEED) -> list[tuple[int, int, in
     return list(chosen)
 
 
-def sample_training_problems(n: int, generator: torch.Generator, device) -> tuple[torch.Tensor, ...]:
-    """n uniformly drawn problems outside the held-out split, as int64 tensors (op, a, b)."""
-    op = torch.randint(0, 2, (n,), generator=generator, device=device)
-    a = torch.randint(0, OPERAND_LIMIT, (n,), generator=generator, device=device)
-    b = torch.randint(0, OPERAND_LIMIT, (n,), generator=generator, device=device)
-    held = is_held_out(op, a, b)
-    while held.any():  # redraw the few held-out ones (1/64 of them per round)
-        m = int(held.sum())
-        op[held] = torch.randint(0, 2, (m,), generator=generator, device=device)
-        a[held] = torch.randint(0, OPERAND_LIMIT, (m,), generator=generator, device=device)
-        b[held] = torch.randint(0, OPERAND_LIMIT, (m,), generator=generator, device=device)
-        held = is_held_out(op, a, b)
-    return op, a, b
+def _first_training_problem() -> tuple[int, int, int]:
+    return next((op, a, b) for op in range(2) for a in range(OPERAND_LIMIT) for b in range(OPERAND_LIMIT)
+                if not is_held_out(op, a, b))
+
+
+def sample_training_problems(n: int, generator: torch.Generator, device, tries: int = 4) -> tuple[torch.Tensor, ...]:
+    """n uniformly drawn problems outside the held-out split, as int64 tensors (op, a, b).
+
+    Without a host sync: each row takes the first of `tries` draws that is not held out; a row
+    whose draws are all held out (probability 64**-tries) becomes a fixed training problem."""
+    draws = [torch.randint(0, high, (n, tries), generator=generator, device=device)
+             for high in (2, OPERAND_LIMIT, OPERAND_LIMIT)]
+    allowed = ~is_held_out(*draws)  # [n, tries]
+    first = allowed.int().argmax(dim=1, keepdim=True)  # index of the first allowed draw
+    fallback = _first_training_problem()
+    return tuple(torch.where(allowed.any(dim=1), d.gather(1, first).squeeze(1), f) for d, f in zip(draws, fallback))
 
 
 class TaskBatcher:

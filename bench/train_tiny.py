@@ -3,11 +3,12 @@ that answers `What is A + B?` / `What is A - B?` (0 <= A, B < 1000) through the 
 
     python -m bench.train_tiny --out models/builtin --minutes 8 --device cuda
 
-Objective (LLaDA SFT): per example t ~ U(0, 1); every answer token (the integer, then EOS up to
-the fixed generation length) is masked with probability t, the prompt never; loss = cross-entropy
-on the masked tokens weighted by 1/t, averaged over answer tokens. Prompts are left-padded; half
-of the batches hide the padding from attention (the exact equivalent of an unpadded prompt) and
-half let it be seen, so the model is right whichever way a runtime batches prompts.
+Objective (LLaDA SFT): per example t ~ U(0, 1), stratified over the batch; every answer token
+(the integer, then EOS up to the fixed generation length) is masked with probability t, the prompt
+never; loss = cross-entropy on the masked tokens weighted by 1/t, averaged over answer tokens.
+Prompts are left-padded; half of the batches hide the padding from attention (the exact
+equivalent of an unpadded prompt) and half let it be seen, so the model is right whichever way a
+runtime batches prompts.
 
 Progress: log lines with loss, learning rate and throughput, and a held-out accuracy with
 LLaDA's fixed-schedule low-confidence decoder (one token per step, semi-autoregressive blocks).
@@ -90,7 +91,9 @@ def _key_mask(prompt_valid: torch.Tensor, gen_length: int) -> torch.Tensor:
 
 def diffusion_loss(model, prompt, prompt_valid, answer, hide_padding: bool, generator) -> torch.Tensor:
     n, gen_length = answer.shape
-    t = torch.rand(n, 1, generator=generator, device=answer.device)
+    # Stratified t (one draw per 1/n-wide stratum) lowers the variance of the 1/t-weighted loss.
+    offset = torch.rand(1, generator=generator, device=answer.device)
+    t = ((torch.arange(n, device=answer.device) + offset) / n)[:, None]  # [N, 1], t ~ U(0, 1) per row
     p_mask = (1 - MASK_EPS) * t + MASK_EPS  # [N, 1]
     masked = torch.rand(n, gen_length, generator=generator, device=answer.device) < p_mask
     tokens = torch.cat([prompt, torch.where(masked, model.config.mask_token_id, answer)], dim=1)
@@ -172,7 +175,7 @@ def train(out: str | Path, settings: Settings, device: str, log=print) -> dict:
     budget_s = settings.minutes * 60
     history, evals = [], []
     start = last_eval = time.perf_counter()
-    step, smoothed = 0, None
+    step, interval_loss, interval_steps = 0, torch.zeros((), device=device), 0
     while True:
         elapsed = time.perf_counter() - start
         progress = max(elapsed / budget_s, step / settings.steps if settings.steps else 0.0)
@@ -191,13 +194,16 @@ def train(out: str | Path, settings: Settings, device: str, log=print) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
+        interval_loss += loss.detach()  # summed on the device: one host sync per log line
+        interval_steps += 1
 
         if step % 50 == 0 or step == 1 or (settings.steps and step == settings.steps):
-            value = loss.item()
-            smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
+            value = interval_loss.item() / interval_steps
+            interval_loss.zero_()
+            interval_steps = 0
             elapsed = time.perf_counter() - start
             history.append({"step": step, "time_s": round(elapsed, 2), "loss": value, "lr": lr})
-            log(f"step {step:6d}  {elapsed:6.0f}s  loss {value:.4f} (avg {smoothed:.4f})  lr {lr:.2e}  "
+            log(f"step {step:6d}  {elapsed:6.0f}s  loss {value:.4f}  lr {lr:.2e}  "
                 f"{step * settings.batch_size / elapsed:,.0f} examples/s")
         if time.perf_counter() - last_eval >= settings.eval_every_s:
             model.eval()
