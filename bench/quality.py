@@ -127,6 +127,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             if decoder == "threshold" and cache == "none":
                 for x, y, t in points:
                     axis.annotate(f"{t}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    axis.set_ylim(-0.02, 1.02)
     axis.set_xlabel("tokens per step")
     axis.set_ylabel("held-out accuracy")
     axis.set_title(title)

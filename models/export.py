@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from difuse.models.llada import FIXED_SETTINGS, LLaDAConfig, LLaDAModel, checkpoint_map
+from difuse.models.llada import LLaDAConfig, LLaDAModel, checkpoint_map
 from difuse.models.packing import Cat, Source
-from difuse.models.tiny import _write_weights
+from difuse.models.tiny import _llada_config, _write_weights
 
 
 def disassemble(source: Source, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -23,21 +23,14 @@ def disassemble(source: Source, tensor: torch.Tensor) -> dict[str, torch.Tensor]
 
 
 def llada_hf_config(config: LLaDAConfig, dtype: torch.dtype) -> dict:
-    """config.json of a dense LLaDA checkpoint (GSAI-ML/LLaDA-8B-Instruct field names)."""
-    return {
-        "architectures": ["LLaDAModelLM"], "model_type": "llada",
-        "d_model": config.d_model, "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
-        "n_layers": config.n_layers, "mlp_hidden_size": config.mlp_hidden_size, "mlp_ratio": config.mlp_ratio,
-        "vocab_size": config.vocab_size, "embedding_size": config.embedding_size,
-        "max_sequence_length": config.max_sequence_length,
-        "rope_theta": config.rope_theta, "rope_full_precision": True, "rms_norm_eps": config.rms_norm_eps,
-        **FIXED_SETTINGS,
-        "flash_attention": False,
-        "mask_token_id": config.mask_token_id, "eos_token_id": config.eos_token_id,
-        "pad_token_id": config.eos_token_id if config.pad_token_id is None else config.pad_token_id,
-        "use_cache": False, "init_device": "meta", "precision": "amp_bf16",
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
+    """config.json of a dense LLaDA checkpoint (GSAI-ML/LLaDA-8B-Instruct field names): the tiny
+    checkpoint maker's field set, with this model's sizes and token ids."""
+    sizes = {name: getattr(config, name) for name in (
+        "d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "mlp_ratio", "vocab_size",
+        "embedding_size", "max_sequence_length", "rope_theta", "rms_norm_eps")}
+    pad = config.eos_token_id if config.pad_token_id is None else config.pad_token_id
+    return _llada_config({"mask": config.mask_token_id, "eos": config.eos_token_id}) | sizes | {
+        "pad_token_id": pad, "torch_dtype": str(dtype).removeprefix("torch.")}
 
 
 def save_llada_checkpoint(model: LLaDAModel, path: str | Path, dtype: torch.dtype = torch.bfloat16,

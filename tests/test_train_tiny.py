@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from bench import arith_task, quality, train_tiny
-from difuse.models import encode_prompt, generation_defaults, load_model, save_llada_checkpoint
+from difuse.models import default, encode_prompt, generation_defaults, load_model, save_llada_checkpoint
 from difuse.models.char_tokenizer import save_char_tokenizer
 
 
@@ -134,3 +134,26 @@ def test_quality_bench_runs(trained, tmp_path):
     quality.plot(rows, tmp_path / "quality-cpu.png", "test")
     assert len((tmp_path / "quality-cpu.csv").read_text().splitlines()) == 1 + len(rows)
     assert (tmp_path / "quality-cpu.png").stat().st_size > 0
+
+
+def test_default_model_path_needs_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(default, "BUILTIN_FOLDER", tmp_path)
+    assert default.default_model_path() is None
+    (tmp_path / "config.json").write_text("{}")
+    assert default.default_model_path() == tmp_path
+    assert generation_defaults(tmp_path) == {}
+    (tmp_path / "generation_config.json").write_text('{"gen_length": 8, "block_length": 4, "eos_token_id": 0}')
+    assert generation_defaults(tmp_path) == {"gen_length": 8, "block_length": 4}
+
+
+@pytest.mark.skipif(default.default_model_path() is None, reason="no trained built-in model in models/builtin yet")
+def test_builtin_model_solves_held_out_problems():
+    path = default.default_model_path()
+    model = load_model(path, "cpu", torch.float32)
+    batcher = arith_task.TaskBatcher(AutoTokenizer.from_pretrained(str(path)), train_tiny.GEN_LENGTH, "cpu")
+    problems = arith_task.held_out_problems(64)
+    op, a, b = (torch.tensor(column) for column in zip(*problems))
+    prompt, valid = batcher.prompts(op, a, b)
+    generated = train_tiny.decode_fixed_schedule(model, prompt, valid, train_tiny.GEN_LENGTH, train_tiny.BLOCK_LENGTH)
+    accuracy = (generated == batcher.answers(op, a, b)).all(dim=1).float().mean().item()
+    assert accuracy >= 0.9, accuracy
