@@ -9,3 +9,18 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .ir import OpNode, Ref, ScalarArg, SubGraph  # noqa: E402
+from .pattern import Match, Pattern, register  # noqa: E402
+from .record import RecordingError, record  # noqa: E402
+
+__all__ = ["record", "RecordingError", "SubGraph", "OpNode", "Ref", "ScalarArg", "Pattern", "Match",
+           "register"]
+from .config import FusionConfig  # noqa: E402
+from .heuristics import Decision, FusionHeuristics  # noqa: E402
+from .compiler import CompileError, KernelCompiler  # noqa: E402
+from .report import FusionReport  # noqa: E402
+from .scheduler import FusionScheduler, Program  # noqa: E402
+
+__all__ += ["FusionConfig", "FusionHeuristics", "Decision", "KernelCompiler", "CompileError", "FusionScheduler",
+            "Program", "FusionReport"]

@@ -1,9 +1,10 @@
 """StepRunner: runs one denoise step shape on its static argument tensors, eagerly or through
 the fusion compiler, and on CUDA replays it from a captured CUDA graph.
 
-Lifecycle on CUDA: the first call is a real step run on a side stream (warm-up: lazy library
-init, kernel compilation, autotuning all happen outside capture); the second call captures the
-step and replays it; later calls only replay. A failed capture is logged with its reason and
+Lifecycle on CUDA: the first calls are real steps run on a side stream (warm-up: lazy library
+init, and with fusion the recording plus one dispatch, so kernel compilation, autotuning and
+the fusion profile decisions all happen outside capture); the next call captures the step and
+replays it; later calls only replay. A failed capture is logged with its reason and
 the runner keeps running the step without a graph.
 """
 from __future__ import annotations
@@ -28,11 +29,12 @@ class StepRunner:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.capture_error: str | None = None
         self.calls = 0
+        self.warm_up_calls = 1 if scheduler is None else 2  # fused: the recording, then one dispatch
 
     def __call__(self) -> None:
         if self.graph is not None:
             self.graph.replay()
-        elif self.use_cuda_graph and self.calls == 0:
+        elif self.use_cuda_graph and self.calls < self.warm_up_calls:
             self._warm_up()
         elif self.use_cuda_graph and self.capture_error is None:
             self._capture()
@@ -45,15 +47,12 @@ class StepRunner:
         if self.scheduler is None:
             return self.fn(*self.args)
         if self.program is None:
-            self.program = self._record()
+            # recording runs the step once for real: this call's step is done when it returns
+            from difuse.fusion.record import record_with_output
+
+            self.program, out = record_with_output(self.fn, *self.args)
+            return out
         return self.scheduler.dispatch(self.program, *self.args)
-
-    def _record(self):
-        from difuse.fusion import record
-
-        # recording may execute the step: give it copies so the real state is not advanced
-        scratch = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in self.args)
-        return record(self.fn, *scratch)
 
     def _warm_up(self):
         side = torch.cuda.Stream()

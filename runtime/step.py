@@ -62,8 +62,9 @@ def make_denoise_step(model, decoder: Decoder, cache: StaticKVCache | None, stat
         committed.add_(accept.sum(dim=-1))
         if smooth:
             # expected embedding under this step's prediction, fed to the still-masked rows next step
+            # in the table's dtype: an fp32 copy of a 126k-row table would cost more than the step
             probs = torch.softmax(logits.float(), dim=-1)[..., : table.shape[0]]
-            soft_embeds.copy_(probs @ table.float())
+            soft_embeds.copy_(probs.to(table.dtype) @ table)
         return accept
 
     return denoise_step

@@ -44,6 +44,7 @@ class Workspace:
                                        model_config.head_dim, dtype, device)
         self._arange = torch.arange(length, device=device)
         self._runners: dict[tuple[str, int], tuple[StepRunner, torch.Tensor, torch.Tensor]] = {}
+        self._placed: dict[str, tuple[int, int]] = {}  # runner -> (query start, block start) its rows hold
 
     def configure(self, config: GenerationConfig) -> None:
         """Settings that change no shape or recording: thresholds and the cache policy's window."""
@@ -64,8 +65,10 @@ class Workspace:
 
     def run_step(self, kind: StepKind, block_start: int) -> None:
         runner, query_rows, block_in_query = self._runner(kind)
-        torch.add(self._arange[: kind.length], kind.start, out=query_rows)
-        torch.add(self._arange[: self.block_length], block_start - kind.start, out=block_in_query)
+        if self._placed.get(runner.name) != (kind.start, block_start):  # rows move once per block, not per step
+            torch.add(self._arange[: kind.length], kind.start, out=query_rows)
+            torch.add(self._arange[: self.block_length], block_start - kind.start, out=block_in_query)
+            self._placed[runner.name] = (kind.start, block_start)
         runner()
 
     def masks_left(self, block_start: int) -> int:
