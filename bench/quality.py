@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import difuse.fusion  # noqa: F401  first: picks Triton's CPU interpreter before torch imports triton
 from bench import arith_task
 from difuse.models import default_model_path, generation_defaults
 from difuse.runtime.config import GenerationConfig
@@ -94,7 +95,7 @@ def run(model: Path, n: int, device: str, enable_fusion: bool, decoders: list[st
                    "fusion": enable_fusion, **evaluate(engine, problems, config)}
             rows.append(row)
             log(f"{setting.label:15s} cache {cache:6s}  accuracy {row['accuracy']:.3f}  "
-                f"tokens/step {row['tokens_per_step']:.2f}  {row['problems_per_s']:,.0f} problems/s")
+                f"tokens/step {row['tokens_per_step']:.2f}  {row['problems_per_s']:,.1f} problems/s")
     return rows
 
 
