@@ -157,3 +157,14 @@ def test_builtin_model_solves_held_out_problems():
     generated = train_tiny.decode_fixed_schedule(model, prompt, valid, train_tiny.GEN_LENGTH, train_tiny.BLOCK_LENGTH)
     accuracy = (generated == batcher.answers(op, a, b)).all(dim=1).float().mean().item()
     assert accuracy >= 0.9, accuracy
+
+
+def test_engine_default_model_is_the_builtin_one(tmp_path, monkeypatch):
+    from difuse.runtime.builtin import builtin_model_path
+
+    folder = tmp_path / "builtin"
+    monkeypatch.setattr(default, "BUILTIN_FOLDER", folder)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert builtin_model_path() == str(tmp_path / "cache" / "difuse" / "tiny-llada")  # random stand-in
+    save_llada_checkpoint(train_tiny.LLaDAModel(train_tiny.model_config("test")), folder)
+    assert builtin_model_path() == str(folder)
