@@ -62,7 +62,7 @@ class Settings:
 def model_config(size: str) -> LLaDAConfig:
     return LLaDAConfig(
         **SIZES[size], vocab_size=VOCAB_SIZE, mask_token_id=MASK_ID, eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID, rope_theta=10000.0, max_sequence_length=256,
+        pad_token_id=PAD_ID, rope_theta=10000.0, max_sequence_length=1024,
     )
 
 
