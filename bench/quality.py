@@ -7,6 +7,8 @@ Problems: `n` held-out problems (a fixed seed; the hash split keeps them out of 
 A reply is right when it is exactly the integer. Tokens per step = committed tokens / denoise
 steps over all problems (EOS padding counts as committed tokens, as in the runtime's stats).
 Writes bench/results/quality-<device>.csv and a speed-quality plot next to it.
+On a CPU-only machine fused kernels run under Triton's interpreter (minutes per setting): check
+the bench there with `--no-fusion --n 16`.
 """
 import argparse
 import csv

@@ -261,7 +261,7 @@ def plot_curves(record: dict, path: Path) -> None:
                        "o-", color="tab:orange")
     accuracy_axis.set_ylabel("held-out accuracy (fixed schedule)", color="tab:orange")
     accuracy_axis.set_ylim(0, 1)
-    loss_axis.set_title(f"built-in LLaDA, {record['parameters'] / 1e6:.1f} M params, {record['device']}")
+    loss_axis.set_title(f"built-in LLaDA, {record['parameters'] / 1e6:.2f} M params, {record['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
