@@ -229,16 +229,20 @@ def test_sigmoid_group_router_groups_restrict_choice():
 
 
 def test_expert_dispatches_agree():
-    from difuse.models.moe import Experts
+    from difuse.models.moe import DISPATCHES, Experts
 
     experts = Experts(num_experts=6, hidden=24, inner=10)
     torch.nn.init.normal_(experts.w13, std=0.2)
     torch.nn.init.normal_(experts.w2, std=0.2)
     x = torch.randn(13, 24)
     weights, ids = softmax_topk_router(torch.randn(13, 6), top_k=2)
-    expected = torch.stack([sum(w * experts._expert(e, x[n]) for w, e in zip(weights[n], ids[n].tolist()))
-                            for n in range(13)])
-    for dispatch in Experts.DISPATCHES:
+
+    def expert(e, token):
+        return swiglu_mlp(token, {"gate_proj.weight": experts.w13[e, :10], "up_proj.weight": experts.w13[e, 10:],
+                                  "down_proj.weight": experts.w2[e]}, "")
+
+    expected = torch.stack([sum(w * expert(e, x[n]) for w, e in zip(weights[n], ids[n].tolist())) for n in range(13)])
+    for dispatch in ("auto", *DISPATCHES):
         experts.dispatch = dispatch
         torch.testing.assert_close(experts(x, weights, ids), expected, atol=1e-5, rtol=1e-5)
     experts.dispatch = "grouped"
@@ -308,20 +312,24 @@ def test_llada2_blockwise_prefix_cache_is_exact(llada2_checkpoint):
         torch.testing.assert_close(out, full[:, window], atol=1e-5, rtol=1e-5)
 
 
-def test_llada2_dense_dispatch_matches_sorted(llada2_checkpoint):
-    model = load_model(llada2_checkpoint, "cpu", torch.float32)
-    input_ids, positions = torch.randint(0, 320, (2, 8)), torch.arange(8)[None]
+@pytest.mark.gpu
+def test_llada2_dispatches_match_sorted(llada2_checkpoint, device):
+    model = load_model(llada2_checkpoint, device, torch.float32)
+    input_ids, positions = torch.randint(0, 320, (2, 8), device=device), torch.arange(8, device=device)[None]
+    set_moe_dispatch(model, "sorted")
     sorted_out = model(input_ids, positions)
-    set_moe_dispatch(model, "dense")
-    torch.testing.assert_close(model(input_ids, positions), sorted_out, atol=1e-5, rtol=1e-5)
+    for dispatch in ("dense", "fused"):
+        set_moe_dispatch(model, dispatch)
+        torch.testing.assert_close(model(input_ids, positions), sorted_out, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="unknown MoE dispatch"):
-        set_moe_dispatch(model, "fused")
+        set_moe_dispatch(model, "grouped")
 
 
 @pytest.mark.cuda
-def test_llada2_dense_dispatch_captures_in_cuda_graph(llada2_checkpoint):
+@pytest.mark.parametrize("dispatch", ["dense", "fused"])
+def test_llada2_sync_free_dispatch_captures_in_cuda_graph(llada2_checkpoint, dispatch):
     model = load_model(llada2_checkpoint, "cuda", torch.bfloat16)
-    set_moe_dispatch(model, "dense")
+    set_moe_dispatch(model, dispatch)
     input_ids = torch.randint(0, 320, (2, 8), device="cuda")
     positions = torch.arange(8, device="cuda")[None]
     bias = block_causal_bias(8, 4, device="cuda", dtype=torch.bfloat16)
@@ -347,3 +355,31 @@ def test_llada2_bf16_router_params_stay_fp32(llada2_checkpoint):
     input_ids = torch.randint(0, 320, (1, 8))
     hidden = model(input_ids, torch.arange(8)[None], attention_bias=block_causal_bias(8, 4, dtype=torch.bfloat16))
     assert hidden.dtype == torch.bfloat16 and torch.isfinite(hidden).all()
+
+
+def test_default_dispatch_is_sync_free(llada2_checkpoint):
+    """A recorded denoise step replays its ops for any routing: the default MoE path must not
+    read routing results on the host (the sorted reference does, and would bake one routing in).
+    On the meta device any host read fails, so running there proves there is none."""
+    model = load_model(llada2_checkpoint, "cpu", torch.float32).to("meta")
+    input_ids, positions = torch.zeros(2, 8, dtype=torch.int64, device="meta"), torch.arange(8, device="meta")[None]
+    assert model(input_ids, positions).shape == (2, 8, 64)
+    set_moe_dispatch(model, "sorted")
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        model(input_ids, positions)
+
+
+@pytest.mark.cuda
+def test_fused_moe_in_recorded_captured_engine_gives_eager_tokens(llada2_checkpoint):
+    """difuse::fused_moe recorded into the fused denoise step and replayed in CUDA graphs decodes
+    exactly what the eager sorted reference does (fp32, greedy)."""
+    from difuse.runtime.config import GenerationConfig
+    from difuse.runtime.engine import Engine
+
+    model = load_model(llada2_checkpoint, "cuda", torch.float32)
+    config = GenerationConfig(gen_length=8, block_length=4, threshold=0.05, cache="dual")
+    prompt = [[5, 17, 42, 99, 3]]
+    set_moe_dispatch(model, "sorted")
+    eager = Engine(model, enable_fusion=False, cuda_graphs=False).generate(prompt, config)[0].sequence
+    set_moe_dispatch(model, "fused")
+    assert Engine(model, enable_fusion=True, cuda_graphs=True).generate(prompt, config)[0].sequence == eager
