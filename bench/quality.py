@@ -6,7 +6,7 @@ built-in model's held-out arithmetic problems, through difuse.runtime.Engine.
 Problems: `n` held-out problems (a fixed seed; the hash split keeps them out of training).
 A reply is right when it is exactly the integer. Tokens per step = committed tokens / denoise
 steps over all problems (EOS padding counts as committed tokens, as in the runtime's stats).
-Writes bench/results/quality-<device>.csv and a speed-quality plot next to it.
+Writes bench/results/quality-<device>.csv (-nofusion.csv unfused) and a speed-quality plot next to it.
 On a CPU-only machine fused kernels run under Triton's interpreter (minutes per setting): check
 the bench there with `--no-fusion --n 16`.
 """
@@ -162,7 +162,7 @@ def main(argv=None) -> None:
                args.gen_length, args.block_length)
     slug = device_slug(args.device)
     context = {"device": slug, "model": Path(model).name, "problems": args.n}
-    csv_path = args.out_dir / f"quality-{slug}.csv"
+    csv_path = args.out_dir / f"quality-{slug}{'' if args.fusion else '-nofusion'}.csv"
     write_csv(rows, csv_path, context)
     plot(rows, csv_path.with_suffix(".png"),
          f"decoders on {args.n} held-out problems, {slug}, fusion {'on' if args.fusion else 'off'}")
