@@ -149,7 +149,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-fusion", dest="fusion", action="store_false", help="run the engine unfused")
     parser.add_argument("--decoders", nargs="+", choices=DECODERS, default=list(DECODERS))
     parser.add_argument("--caches", nargs="+", choices=CACHES, default=list(CACHES))
-    parser.add_argument("--batch-size", type=int, default=250, help="problems decoded together (1000 / 250: equal chunks)")
+    parser.add_argument("--batch-size", type=int, default=250,
+                        help="problems decoded together (1000 / 250: equal chunks)")
     parser.add_argument("--gen-length", type=int, default=None, help="default: the model's generation_config.json")
     parser.add_argument("--block-length", type=int, default=None, help="default: the model's generation_config.json")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
