@@ -1,5 +1,8 @@
 """difuse.models: model families (dense LLaDA, LLaDA-MoE, LLaDA2), configs built from HF
-config.json, strict checkpoint loading, tokenizers, and tiny real-format checkpoints."""
+config.json, strict checkpoint loading, tokenizers, tiny real-format checkpoints, checkpoint
+export, and the built-in trained model."""
+from difuse.models.default import default_model_path, generation_defaults
+from difuse.models.export import save_llada_checkpoint
 from difuse.models.llada import LLaDAConfig, LLaDAModel
 from difuse.models.llada2 import LLaDA2Config, LLaDA2Model, block_causal_bias
 from difuse.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModel
@@ -11,6 +14,7 @@ from difuse.models.tokenizer import encode_prompt, load_tokenizer
 
 __all__ = [
     "CheckpointError", "LLaDA2Config", "LLaDA2Model", "LLaDAConfig", "LLaDAModel", "LLaDAMoEConfig",
-    "LLaDAMoEModel", "ParallelConfig", "block_causal_bias", "encode_prompt", "load_model", "load_tokenizer", "make_tiny_checkpoint",
-    "read_config", "set_moe_dispatch", "sigmoid_group_topk_router", "softmax_topk_router",
+    "LLaDAMoEModel", "ParallelConfig", "block_causal_bias", "default_model_path", "encode_prompt",
+    "generation_defaults", "load_model", "load_tokenizer", "make_tiny_checkpoint", "read_config",
+    "save_llada_checkpoint", "set_moe_dispatch", "sigmoid_group_topk_router", "softmax_topk_router",
 ]

@@ -11,9 +11,9 @@ from pathlib import Path
 def builtin_model_path() -> str:
     import difuse.models as models
 
-    shipped = getattr(models, "default_model_path", None)
-    if shipped is not None and Path(shipped()).is_dir():
-        return str(shipped())
+    shipped = models.default_model_path()  # None until models/builtin/ holds a checkpoint
+    if shipped is not None:
+        return str(shipped)
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "difuse" / "tiny-llada"
     if not (cache / "config.json").is_file():
         print(f"difuse: no built-in trained model yet; creating a tiny random LLaDA checkpoint in {cache} "

@@ -1,0 +1,27 @@
+"""The built-in model: a small LLaDA trained by bench/train_tiny.py, shipped in models/builtin/,
+and the generation settings a checkpoint folder recommends (generation_config.json)."""
+import json
+from pathlib import Path
+
+BUILTIN_FOLDER = Path(__file__).resolve().parent / "builtin"
+
+# The generation_config.json keys that map onto difuse's GenerationConfig fields.
+GENERATION_KEYS = ("gen_length", "block_length", "steps")
+
+
+def default_model_path() -> Path | None:
+    """models/builtin/ when it holds a checkpoint, else None. It loads like any LLaDA checkpoint."""
+    return BUILTIN_FOLDER if (BUILTIN_FOLDER / "config.json").is_file() else None
+
+
+def generation_defaults(path: str | Path) -> dict[str, int]:
+    """gen_length / block_length / steps from `path`/generation_config.json ({} without one): the
+    lengths a checkpoint was trained for, to use where the user did not choose."""
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        settings = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: invalid JSON ({e})") from e
+    return {key: settings[key] for key in GENERATION_KEYS if isinstance(settings.get(key), int)}
