@@ -133,6 +133,9 @@ class DecoderModel(nn.Module):
     """Embedding -> decoder layers -> final RMSNorm, plus a separate LM head run by the caller
     only on the rows it needs. Families build the layers and keep their config in `config`."""
 
+    # Parameter-name suffixes the loader keeps in fp32 whatever the model dtype.
+    FP32_PARAMETERS: tuple[str, ...] = ()
+
     def __init__(self, config, vocab_size: int, hidden: int, eps: float, rotary_dim: int,
                  rope_theta: float, layers: list[DecoderLayer]):
         super().__init__()

@@ -14,6 +14,8 @@ import torch
 from safetensors import safe_open
 
 from difuse.models.llada import LLaDAConfig, LLaDAModel, checkpoint_map as llada_map
+from difuse.models.llada2 import LLaDA2Config, LLaDA2Model, checkpoint_map as llada2_map
+from difuse.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModel, checkpoint_map as llada_moe_map
 from difuse.models.packing import assemble, expected_shapes, source_keys
 
 SINGLE_FILE = "model.safetensors"
@@ -34,9 +36,16 @@ class Family:
 
 FAMILIES = {
     "llada": Family("llada", LLaDAConfig, LLaDAModel, llada_map),
+    "llada_moe": Family("llada_moe", LLaDAMoEConfig, LLaDAMoEModel, llada_moe_map),
+    "llada2": Family("llada2", LLaDA2Config, LLaDA2Model, llada2_map),
 }
-ARCHITECTURES = {"LLaDAModelLM": "llada"}
-MODEL_TYPES = {"llada": "llada"}
+ARCHITECTURES = {
+    "LLaDAModelLM": "llada",
+    "LLaDAMoEModelLM": "llada_moe", "LLaDAMoEModel": "llada_moe", "FusedLLaDAMoEModelLM": "llada_moe",
+    "LLaDA2MoeModelLM": "llada2",
+}
+# LLaDA-MoE's own config also says model_type "llada"; the architectures entry tells them apart.
+MODEL_TYPES = {"llada": "llada", "lladamoe": "llada_moe", "llada_moe": "llada_moe", "llada2_moe": "llada2"}
 
 
 def read_config(path: str | Path) -> dict:
@@ -54,6 +63,8 @@ def family_of(hf_config: dict) -> Family:
         if arch in ARCHITECTURES:
             return FAMILIES[ARCHITECTURES[arch]]
     model_type = hf_config.get("model_type")
+    if model_type == "llada" and "num_experts" in hf_config:
+        return FAMILIES["llada_moe"]
     if model_type in MODEL_TYPES:
         return FAMILIES[MODEL_TYPES[model_type]]
     raise CheckpointError(
@@ -144,10 +155,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
     handles = {file: _open(file) for file in set(files.values())}
     try:
-        def read(key: str) -> torch.Tensor:
-            return handles[files[key]].get_tensor(key).to(dtype)
-
-        state = {name: assemble(source, read).to(device) for name, source in sources.items()}
+        state = {}
+        for name, source in sources.items():
+            target = torch.float32 if name.endswith(model.FP32_PARAMETERS) else dtype
+            state[name] = assemble(source, lambda key: handles[files[key]].get_tensor(key).to(target)).to(device)
     finally:
         handles.clear()
     model.load_state_dict(state, strict=True, assign=True)

@@ -54,3 +54,21 @@ def assemble(source: Source, read: Callable[[str], torch.Tensor]) -> torch.Tenso
         return read(source)
     parts = [assemble(part, read) for part in source.parts]
     return torch.cat(parts) if isinstance(source, Cat) else torch.stack(parts)
+
+
+def swiglu_sources(ours: str, theirs: str, inner: int) -> dict[str, Source]:
+    """Our fused SwiGLUMLP (`gate_up`, `down`) from HF-style `gate_proj` / `up_proj` / `down_proj`."""
+    return {ours + "gate_up.weight": Cat((theirs + "gate_proj.weight", theirs + "up_proj.weight"), (inner, inner)),
+            ours + "down.weight": theirs + "down_proj.weight"}
+
+
+def expert_sources(ours: str, theirs: str, num_experts: int, inner: int, fused: bool) -> dict[str, Source]:
+    """Our stacked Experts (`w13` [E, 2I, H], `w2` [E, H, I]) from either dInfer's fused tensors
+    `<theirs>w1` / `<theirs>w2` (same layout) or HF per-expert `experts.{e}.{gate,up,down}_proj`."""
+    if fused:
+        return {ours + "w13": theirs + "w1", ours + "w2": theirs + "w2"}
+    experts = range(num_experts)
+    gate_up = tuple(Cat((f"{theirs}experts.{e}.gate_proj.weight", f"{theirs}experts.{e}.up_proj.weight"), (inner, inner))
+                    for e in experts)
+    return {ours + "w13": Stack(gate_up),
+            ours + "w2": Stack(tuple(f"{theirs}experts.{e}.down_proj.weight" for e in experts))}

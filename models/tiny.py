@@ -25,14 +25,26 @@ LLADA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 
+# Ling / Bailing format shared by LLaDA-MoE and LLaDA2: <role>HUMAN</role>...<|role_end|>.
+LING_CHAT_TEMPLATE = (
+    "{% set names = {'system': 'SYSTEM', 'user': 'HUMAN', 'assistant': 'ASSISTANT'} %}"
+    "{% for message in messages %}"
+    "{{ '<role>' + names[message['role']] + '</role>' + message['content'] + '<|role_end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<role>ASSISTANT</role>' }}{% endif %}"
+)
+
 # Special tokens in id order, starting right after the 256 byte tokens, and their roles.
-SPECIAL_TOKENS = {
-    "llada": [
-        ("<|startoftext|>", "bos"), ("<|endoftext|>", "eos"), ("<|mdm_mask|>", "mask"),
-        ("<|start_header_id|>", None), ("<|end_header_id|>", None), ("<|eot_id|>", None),
-    ],
-}
-CHAT_TEMPLATES = {"llada": LLADA_CHAT_TEMPLATE}
+LLADA_SPECIAL_TOKENS = [
+    ("<|startoftext|>", "bos"), ("<|endoftext|>", "eos"), ("<|mdm_mask|>", "mask"),
+    ("<|start_header_id|>", None), ("<|end_header_id|>", None), ("<|eot_id|>", None),
+]
+LING_SPECIAL_TOKENS = [
+    ("<|startoftext|>", "bos"), ("<|endoftext|>", "eos"), ("<|mask|>", "mask"),
+    ("<role>", None), ("</role>", None), ("<|role_end|>", None),
+]
+SPECIAL_TOKENS = {"llada": LLADA_SPECIAL_TOKENS, "llada_moe": LING_SPECIAL_TOKENS, "llada2": LING_SPECIAL_TOKENS}
+CHAT_TEMPLATES = {"llada": LLADA_CHAT_TEMPLATE, "llada_moe": LING_CHAT_TEMPLATE, "llada2": LING_CHAT_TEMPLATE}
 
 
 def _llada_config(special: dict[str, int]) -> dict:
@@ -69,7 +81,100 @@ def _llada_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-KINDS = {"llada": (_llada_config, _llada_shapes)}
+def _llada_moe_config(special: dict[str, int]) -> dict:
+    return {
+        "architectures": ["LLaDAMoEModelLM"], "model_type": "lladamoe",
+        "vocab_size": 320, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "hidden_act": "silu", "rms_norm_eps": 1e-5, "max_position_embeddings": 512,
+        "rope_theta": 50000.0, "partial_rotary_factor": 1.0, "rope_scaling": None, "attention_bias": False,
+        "clip_qkv": None, "qk_layernorm": True,
+        "num_experts": 8, "num_experts_per_tok": 3, "expert_intermediate_size": 32, "dense_intermediate_size": 96,
+        "shared_expert_intermediate_size": None, "moe_layer_freq": [1, 1], "norm_topk_prob": False,
+        "moe_router_enable_expert_bias": False, "moe_router_score_function": "softmax",
+        "router_aux_loss_coef": 0.01, "tie_word_embeddings": False,
+        "mask_token_id": special["mask"], "eos_token_id": special["eos"], "pad_token_id": special["eos"],
+    }
+
+
+def _llada_moe_shapes(c: dict) -> dict[str, tuple[int, ...]]:
+    H, heads, kv_heads = c["hidden_size"], c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    D = H // heads
+    shapes = {"model.embed_tokens.weight": (c["vocab_size"], H), "model.norm.weight": (H,),
+              "lm_head.weight": (c["vocab_size"], H)}
+    for i, moe in enumerate(c["moe_layer_freq"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+            p + "self_attn.q_proj.weight": (heads * D, H), p + "self_attn.k_proj.weight": (kv_heads * D, H),
+            p + "self_attn.v_proj.weight": (kv_heads * D, H), p + "self_attn.o_proj.weight": (H, heads * D),
+        }
+        if c["qk_layernorm"]:
+            shapes |= {p + "self_attn.q_norm.weight": (D,), p + "self_attn.k_norm.weight": (D,)}
+        if not moe:
+            shapes |= _swiglu_shapes(p + "mlp.", H, c["dense_intermediate_size"])
+            continue
+        shapes[p + "mlp.gate.weight"] = (c["num_experts"], H)
+        if c["moe_router_enable_expert_bias"]:
+            shapes[p + "mlp.expert_bias"] = (c["num_experts"],)
+        for e in range(c["num_experts"]):
+            shapes |= _swiglu_shapes(f"{p}mlp.experts.{e}.", H, c["expert_intermediate_size"])
+        if c["shared_expert_intermediate_size"]:
+            shapes |= _swiglu_shapes(p + "shared_expert.", H, c["shared_expert_intermediate_size"])
+    return shapes
+
+
+def _llada2_config(special: dict[str, int]) -> dict:
+    return {
+        "architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe",
+        "vocab_size": 320, "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "hidden_act": "silu", "intermediate_size": 96,
+        "use_qkv_bias": False, "use_bias": False, "use_qk_norm": True, "norm_head": False, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 512, "rope_theta": 600000.0, "partial_rotary_factor": 0.5, "rope_scaling": None,
+        "num_experts": 16, "num_shared_experts": 1, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
+        "moe_intermediate_size": 16, "first_k_dense_replace": 1, "routed_scaling_factor": 2.5,
+        "score_function": "sigmoid", "moe_router_enable_expert_bias": True, "router_dtype": "fp32",
+        "norm_topk_prob": True, "tie_word_embeddings": False,
+        "mask_token_id": special["mask"], "eos_token_id": special["eos"], "pad_token_id": special["eos"],
+    }
+
+
+def _llada2_shapes(c: dict) -> dict[str, tuple[int, ...]]:
+    H, heads, kv_heads, D = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    E, I = c["num_experts"], c["moe_intermediate_size"]
+    shapes = {"model.word_embeddings.weight": (c["vocab_size"], H), "model.norm.weight": (H,),
+              "lm_head.weight": (c["vocab_size"], H)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+            p + "attention.query_key_value.weight": ((heads + 2 * kv_heads) * D, H),
+            p + "attention.dense.weight": (H, heads * D),
+        }
+        if c["use_qk_norm"]:
+            shapes |= {p + "attention.query_layernorm.weight": (D,), p + "attention.key_layernorm.weight": (D,)}
+        if i < c["first_k_dense_replace"]:
+            shapes |= _swiglu_shapes(p + "mlp.", H, c["intermediate_size"])
+            continue
+        shapes[p + "mlp.gate.weight"] = (E, H)
+        if c["moe_router_enable_expert_bias"]:
+            shapes[p + "mlp.gate.expert_bias"] = (E,)
+        for e in range(E):
+            shapes |= _swiglu_shapes(f"{p}mlp.experts.{e}.", H, I)
+        if c["num_shared_experts"]:
+            shapes |= _swiglu_shapes(p + "mlp.shared_experts.", H, I * c["num_shared_experts"])
+    return shapes
+
+
+def _swiglu_shapes(prefix: str, hidden: int, inner: int) -> dict[str, tuple[int, ...]]:
+    return {prefix + "gate_proj.weight": (inner, hidden), prefix + "up_proj.weight": (inner, hidden),
+            prefix + "down_proj.weight": (hidden, inner)}
+
+
+KINDS = {
+    "llada": (_llada_config, _llada_shapes),
+    "llada_moe": (_llada_moe_config, _llada_moe_shapes),
+    "llada2": (_llada2_config, _llada2_shapes),
+}
 
 
 def _random_weights(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -80,7 +185,9 @@ def _random_weights(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.
     for key in sorted(shapes):
         shape = shapes[key]
         w = torch.randn(shape, generator=generator)
-        if key.endswith(("norm.weight", "ln_f.weight", "layernorm.weight")) or len(shape) == 1:
+        if key.endswith("expert_bias"):
+            w = 0.05 * w  # comparable to the spread of router probabilities: it changes choices
+        elif len(shape) == 1:  # norm weights
             w = 1.0 + 0.1 * w
         elif not key.endswith(("wte.weight", "embed_tokens.weight", "word_embeddings.weight")):
             w = w / shape[-1] ** 0.5

@@ -1,4 +1,5 @@
 """Tokenizer from a checkpoint folder, and prompt encoding with the model's chat template."""
+import warnings
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -6,12 +7,14 @@ from transformers.utils import logging
 
 
 def load_tokenizer(path: str | Path):
-    # AutoTokenizer also reads config.json and warns that model_type "llada" is unknown to it;
-    # the tokenizer files alone define the tokenizer, so that warning is noise here.
+    # AutoTokenizer also reads config.json and warns about fields it does not know (model_type
+    # "llada", rope_scaling); the tokenizer files alone define the tokenizer, so that is noise here.
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return AutoTokenizer.from_pretrained(str(path))
     finally:
         logging.set_verbosity(verbosity)
 
