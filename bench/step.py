@@ -1,0 +1,558 @@
+"""Denoise-step benchmark against the weight-streaming floor.
+
+    python -m bench.step [--model llada-8b|llada-moe-7b|llada2-mini|tiny] [--batch 1,4,16,64] [--quick]
+                         [--configs eager,graph,fused_graph,compile] [--out DIR]
+
+Random bf16 weights at the model's real shapes, built on the GPU. Prompt 512, generation 256,
+block 32, dual KV cache filled once by a full refresh forward; what is timed is the steady-state
+cached step of the first generation block: forward over the block's 32 tokens per sequence (their
+K/V written into the cache, attention over the whole cached sequence), LM head on the block rows,
+threshold confidence selection, token write. Before every timed step (outside the timed region)
+the block is reset to the same half-decoded state (every other position masked, the average state
+while a block decodes), so every step does the same work; for a dense model the work of a step
+does not depend on the tokens at all, for MoE the routing does. LLaDA2 runs its block-causal form: the block attends to
+the prefix up to its own end (the keys after it carry the padding bias).
+
+Configurations, all in one process on the same weights, cache and step tensors:
+    eager        the runtime's denoise step called directly (no fusion, no graph)
+    graph        difuse StepRunner, unfused, CUDA graph
+    fused_graph  difuse StepRunner with the FusionScheduler (profile rule on), CUDA graph
+    compile      torch.compile(mode="reduce-overhead") of the same step function (once per batch)
+On a CPU (and with --quick) the shapes are tiny, `graph` and `compile` are skipped (they need
+CUDA graphs) and `fused_graph` runs fused without a graph.
+
+Every number is relative to ceilings measured in the same run (bench/ceilings.py): the weight
+floor is the bytes of weights one step must read over the copy bandwidth; for MoE only the
+experts the step's tokens were routed to count (the union over the batch, per layer).
+Writes step-<model>-<device>.{csv,json,png} and the fusion report tables to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import math
+import re
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch._dynamo.utils import counters
+
+from bench.ceilings import measure_ceilings, summary, synchronize, time_calls
+from bench.step_model import (SPECS, TINY_OF, RoutedExperts, StepGeometry, build_random_model, kv_cache_bytes,
+                              model_dims, step_accounting)
+from difuse.models.moe import Experts
+from difuse.runtime.capture import StepRunner
+from difuse.runtime.config import GenerationConfig
+from difuse.runtime.decoders import make_decoder
+from difuse.runtime.kv_cache import StaticKVCache
+from difuse.runtime.step import make_denoise_step
+
+CONFIGS = ("eager", "graph", "fused_graph", "compile")
+LABELS = {"eager": "eager runtime step (no fusion, no graph)", "graph": "difuse unfused + CUDA graph",
+          "fused_graph": "difuse fused + CUDA graph", "compile": 'torch.compile(mode="reduce-overhead")'}
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+_start = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - _start:7.1f}s] {message}", flush=True)
+
+
+class StepState:
+    """The static tensors of one batch size's cached step of the first generation block, shared by
+    every configuration: tokens [prompt | MASK * gen], positions, key bias, row tensors, decoder
+    thresholds and counters, and the dual KV cache, filled by one refresh forward."""
+
+    def __init__(self, model, batch: int, prompt: int, gen: int, block: int, block_causal: bool,
+                 device: torch.device, dtype: torch.dtype):
+        self.model, self.device, self.batch = model, device, batch
+        self.mask_id = model.config.mask_token_id
+        config = GenerationConfig(gen_length=gen, block_length=block, decoder="threshold", threshold=0.9,
+                                  cache="dual", prompt_multiple=1)
+        self.decoder = make_decoder(config, self.mask_id)
+        dims, length = model_dims(model), prompt + gen
+        self.block_start, self.block_end = prompt, prompt + block
+        generator = torch.Generator(device=device).manual_seed(batch)
+
+        def random_ids(count):  # any id but the mask
+            ids = torch.randint(0, dims["vocab"] - 1, (batch, count), device=device, generator=generator)
+            return ids + (ids >= self.mask_id).long()
+
+        self.tokens = torch.full((batch, length), self.mask_id, dtype=torch.int64, device=device)
+        self.tokens[:, :prompt] = random_ids(prompt)
+        # a half-decoded block, the average state during decoding: every other position still masked
+        self.block_template = torch.where(torch.arange(block, device=device) % 2 == 0, self.mask_id, random_ids(block))
+        self.positions = torch.arange(length, device=device).expand(batch, length).contiguous()
+        self.key_bias = torch.zeros(batch, 1, 1, length, dtype=dtype, device=device)
+        self.keys = length
+        if block_causal:  # the active block sees the prefix and itself, never later blocks
+            self.key_bias[..., self.block_end:] = torch.finfo(dtype).min
+            self.keys = self.block_end
+
+        def rows(start, count):
+            return torch.arange(start, start + count, device=device)
+
+        self.query_rows, self.block_in_query, self.block_rows = rows(prompt, block), rows(0, block), rows(prompt, block)
+        self.threshold = torch.tensor(0.9, dtype=torch.float32, device=device)
+        self.low_threshold = torch.tensor(0.4, dtype=torch.float32, device=device)
+        self.steps_taken = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.committed = torch.zeros(batch, dtype=torch.int64, device=device)
+        decoder_state = self.decoder.init_state(batch, block, dims["vocab"], device)
+        self.state_names = tuple(sorted(decoder_state))
+        self.cache = StaticKVCache(dims["layers"], batch, dims["kv_heads"], length, dims["head_dim"], dtype, device)
+        self.args = (self.tokens, self.positions, self.key_bias, self.query_rows, self.block_in_query,
+                     self.block_rows, self.threshold, self.low_threshold, self.steps_taken, self.committed,
+                     *(decoder_state[name] for name in self.state_names))
+        self.geometry = StepGeometry(batch, block, block, self.keys, length)
+        self._fill_cache(length, prompt, block)
+
+    def step_function(self):
+        """A fresh denoise step over this state's tensors (cached, no smoothing)."""
+        return make_denoise_step(self.model, self.decoder, self.cache, self.state_names, smooth=False)
+
+    def reset_block(self) -> None:
+        self.tokens[:, self.block_start:self.block_end].copy_(self.block_template)
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        return [t for t in self.args if isinstance(t, torch.Tensor)] + self.cache.keys + self.cache.values
+
+    def _fill_cache(self, length: int, prompt: int, block: int) -> None:
+        """One refresh step: every row's K/V into the cache, as at the start of a block."""
+        every_row = torch.arange(length, device=self.device)
+        block_in_sequence = torch.arange(prompt, prompt + block, device=self.device)
+        refresh_args = (self.args[:3] + (every_row, block_in_sequence) + self.args[5:])
+        self.step_function()(*refresh_args)
+        self.reset_block()
+
+
+def _fusion_report(scheduler) -> dict:
+    report = scheduler.report()
+    saved: dict = {}
+    for method in ("to_dict", "to_json"):
+        if hasattr(report, method):
+            value = getattr(report, method)()
+            saved["report"] = json.loads(value) if isinstance(value, str) else value
+            break
+    saved["table"] = report.table() if hasattr(report, "table") else str(report)
+    return saved
+
+
+class Configuration:
+    """Builds the callable of one configuration on a StepState, and what to record about it."""
+
+    def __init__(self, name: str, state: StepState, device: torch.device):
+        self.name, self.state, self.device = name, state, device
+        self.notes: list[str] = []
+        self.compile_s: float | None = None
+        self._skips_before: int | None = None  # inductor's cudagraph-skip counter before compiling
+        self.runner: StepRunner | None = None
+        self.scheduler = None
+        self._disabled: list[Experts] = []
+
+    def build(self):
+        on_cuda = self.device.type == "cuda"
+        if self.name == "eager":
+            fn, args = self.state.step_function(), self.state.args
+            return lambda: fn(*args)
+        if self.name == "compile":
+            return self._compiled()
+        if self.name == "fused_graph":
+            from difuse.fusion import FusionConfig, FusionScheduler
+
+            self.scheduler = FusionScheduler(FusionConfig(profile=True))
+            if not on_cuda:
+                self.notes.append("fused without a CUDA graph (CPU run)")
+        self.runner = StepRunner(f"bench-{self.name}", self.state.step_function(), self.state.args,
+                                 self.scheduler, use_cuda_graph=on_cuda)
+        return self.runner
+
+    def warmup_calls(self, base: int) -> int:
+        """Untimed calls: a runner's own warm-up (and capture) calls come on top of `base`."""
+        if self.runner is not None:
+            return self.runner.warm_up_calls + int(self.runner.use_cuda_graph) + base
+        return base
+
+    def graph_status(self) -> str:
+        if self.name == "compile":
+            if self._skips_before is None:
+                return "none"
+            skips = counters["inductor"]["cudagraph_skips"] - self._skips_before
+            return ("cudagraph trees" if skips == 0 else
+                    f"cudagraphs skipped for {skips} compiled graph(s): TORCH_LOGS=cudagraphs says why")
+        if self.runner is None or not self.runner.use_cuda_graph:
+            return "none"
+        if self.runner.graph is not None:
+            return "captured"
+        return f"capture failed, ran eagerly: {self.runner.capture_error}"
+
+    def _compiled(self):
+        state = self.state
+        torch._dynamo.reset()  # a static compile for this batch size, not a recompile of the last one
+        for tensor in state.static_tensors():
+            torch._dynamo.mark_static_address(tensor)  # in-place updated buffers: no cudagraph input copies
+        self._disabled = [m for m in state.model.modules() if isinstance(m, Experts)]
+        for experts in self._disabled:
+            experts.forward = torch.compiler.disable(experts.forward)
+        if self._disabled:
+            self.notes.append("MoE expert dispatch left eager (torch.compiler.disable): the reference dispatch reads "
+                              "expert counts on the host")
+        compiled = torch.compile(state.step_function(), mode="reduce-overhead", dynamic=False)
+        args = state.args
+
+        def call():
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(*args)
+
+        self._skips_before = counters["inductor"]["cudagraph_skips"]
+        begin = time.perf_counter()
+        call()  # compile (and the cudagraph warm-up run)
+        synchronize(self.device)
+        self.compile_s = time.perf_counter() - begin
+        return call
+
+    def release(self) -> None:
+        for experts in self._disabled:
+            del experts.forward  # back to the class's forward
+        self._disabled = []
+        if self.name == "compile":
+            torch._dynamo.reset()
+            from torch._inductor import cudagraph_trees
+
+            cudagraph_trees.reset_cudagraph_trees()
+        self.runner = None
+        self.scheduler = None
+
+
+def skip_reason(name: str, device: torch.device) -> str | None:
+    if device.type != "cuda" and name in ("graph", "compile"):
+        return "needs CUDA graphs: the device is a CPU"
+    return None
+
+
+def run_configuration(name: str, state: StepState, settings, accounting: dict, ceilings: dict) -> tuple[dict, dict | None]:
+    row = {"config": name, "label": LABELS[name], "batch": state.batch, "status": "ok", "error": "",
+           "graph": "", "compile_s": None, "notes": ""}
+    device, report = state.device, None
+    reason = skip_reason(name, device)
+    if reason is not None:
+        return {**row, "status": "skipped", "error": reason}, None
+    config = Configuration(name, state, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    begin = time.perf_counter()
+    try:
+        call = config.build()
+        times = time_calls(call, device, warmup=config.warmup_calls(settings.warmup), iters=settings.iters,
+                           before=state.reset_block)
+        row.update(summary(times))
+        row.update(throughput(row["median_ms"], state, settings, accounting, ceilings))
+        if config.scheduler is not None:
+            report = _fusion_report(config.scheduler)
+    except torch.cuda.OutOfMemoryError as error:
+        row.update(status="oom", error=_first_line(error))
+    except Exception as error:  # noqa: BLE001 - one failing configuration must not end the run
+        row.update(status="error", error=f"{type(error).__name__}: {_first_line(error)}",
+                   traceback=traceback.format_exc())
+    finally:
+        row["graph"] = config.graph_status()
+        row["compile_s"] = config.compile_s
+        row["notes"] = "; ".join(config.notes)
+        row["wall_s"] = time.perf_counter() - begin
+        if device.type == "cuda":
+            row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        config.release()
+        release_memory(device)
+    return row, report
+
+
+def throughput(median_ms: float, state: StepState, settings, accounting: dict, ceilings: dict) -> dict:
+    seconds = median_ms / 1e3
+    bandwidth, rate = ceilings["copy_bandwidth_Bps"], ceilings["matmul_flops"]
+    weight_floor_ms = accounting["weight_bytes"] / bandwidth * 1e3
+    memory_floor_ms = (accounting["weight_bytes"] + accounting["kv_bytes"]) / bandwidth * 1e3
+    return {"steps_per_s": 1 / seconds,
+            "tokens_per_s": state.batch * settings.tokens_per_step / seconds,
+            "block_tokens_per_s": state.batch * state.geometry.block / seconds,
+            "x_weight_floor": median_ms / weight_floor_ms,
+            "x_memory_floor": median_ms / memory_floor_ms,
+            "achieved_tflops": accounting["flops"] / seconds / 1e12,
+            "matmul_fraction": accounting["flops"] / seconds / rate}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:400] if text else type(error).__name__
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def routed_union(model, state: StepState) -> list[int] | None:
+    """Distinct experts per MoE layer over one eager step of this batch (None for a dense model)."""
+    with RoutedExperts(model) as routed:
+        if not routed.experts:
+            return None
+        state.step_function()(*state.args)
+        state.reset_block()
+    return list(routed.union)
+
+
+def run_batch(model, spec, batch: int, settings, ceilings: dict) -> tuple[list[dict], dict, dict]:
+    """All configurations at one batch size; (rows, accounting, fusion report)."""
+    device, dtype = settings.device, settings.dtype
+    length = settings.prompt + settings.gen
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cache_bytes = kv_cache_bytes(model, batch, length, dtype)
+        if cache_bytes > 0.9 * free:
+            reason = f"does not fit: the KV cache needs {cache_bytes / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
+            return [_skipped(name, batch, reason) for name in settings.configs], {}, {}
+    try:
+        state = StepState(model, batch, settings.prompt, settings.gen, settings.block, spec.block_causal, device, dtype)
+        accounting = step_accounting(model, state.geometry, routed_union(model, state))
+    except torch.cuda.OutOfMemoryError as error:
+        release_memory(device)
+        reason = f"out of memory building the batch (cache fill): {_first_line(error)}"
+        return [{**_skipped(name, batch, reason), "status": "oom"} for name in settings.configs], {}, {}
+    rows, report = [], {}
+    for name in settings.configs:
+        row, fusion = run_configuration(name, state, settings, accounting, ceilings)
+        rows.append(row)
+        if fusion is not None:
+            report = fusion
+        log(_progress(row))
+    del state
+    release_memory(device)
+    return rows, accounting, report
+
+
+def _skipped(name: str, batch: int, reason: str) -> dict:
+    return {"config": name, "label": LABELS[name], "batch": batch, "status": "skipped", "error": reason}
+
+
+def _progress(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"B={row['batch']:<3} {row['config']:<12} {row['status']}: {row['error']}"
+    extra = f", compile {row['compile_s']:.1f} s" if row.get("compile_s") else ""
+    return (f"B={row['batch']:<3} {row['config']:<12} {row['median_ms']:9.3f} ms/step "
+            f"({row['x_weight_floor']:.2f}x weight floor), graph: {row['graph']}{extra}")
+
+
+def device_slug(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def environment(device: torch.device) -> dict:
+    import triton
+
+    import difuse.runtime
+
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "difuse_runtime": str(Path(difuse.runtime.__file__).parent)}
+    if device.type == "cuda":
+        env["sm_count"] = torch.cuda.get_device_properties(device).multi_processor_count
+    return env
+
+
+CSV_FIELDS = ["model", "device", "batch", "config", "status", "median_ms", "p10_ms", "p90_ms", "samples",
+              "steps_per_s", "tokens_per_step", "tokens_per_s", "block_tokens_per_s", "weight_bytes", "kv_bytes",
+              "weight_floor_ms", "memory_floor_ms", "x_weight_floor", "x_memory_floor", "flops", "achieved_tflops",
+              "matmul_fraction", "routed_experts_per_layer", "graph", "compile_s", "peak_memory_gb", "wall_s",
+              "notes", "error"]
+
+
+def write_outputs(out: Path, stem: str, meta: dict, rows: list[dict], reports: dict) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path, png_path = out / f"{stem}.csv", out / f"{stem}.json", out / f"{stem}.png"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path.write_text(json.dumps({**meta, "rows": rows, "fusion_reports": reports}, indent=1, default=str))
+    paths = [csv_path, json_path]
+    for batch, report in reports.items():
+        table = out / f"{stem}-fusion-b{batch}.txt"
+        table.write_text(report["table"] + "\n")
+        paths.append(table)
+    if plot(png_path, meta, rows):
+        paths.append(png_path)
+    return paths
+
+
+def plot(path: Path, meta: dict, rows: list[dict]) -> bool:
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in CONFIGS:
+        points = sorted((r["batch"], r["median_ms"]) for r in ok if r["config"] == name)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=LABELS[name])
+    floors = sorted({(r["batch"], r["weight_floor_ms"], r["memory_floor_ms"]) for r in ok})
+    batches = [f[0] for f in floors]
+    ax.plot(batches, [f[1] for f in floors], "k--", label="weight-streaming floor")
+    ax.plot(batches, [f[2] for f in floors], "k:", label="weights + KV-cache floor")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("batch (sequences)")
+    ax.set_ylabel("ms per denoise step (median)")
+    ax.set_title(f"{meta['model']} denoise step, {meta['environment']['device']}\n"
+                 f"prompt {meta['prompt']}, gen {meta['gen']}, block {meta['block']}, dual cache", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def table(rows: list[dict], tokens_per_step: float) -> str:
+    head = (f"{'B':>3} {'configuration':<12} {'ms/step':>9} {'steps/s':>8} {'tok/s@' + format(tokens_per_step, 'g'):>9} "
+            f"{'blk tok/s':>10} {'xWfloor':>7} {'xWKVfl':>7} {'MMfrac':>6}  graph / status")
+    lines = [head, "-" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["batch"], CONFIGS.index(r["config"]))):
+        if r["status"] != "ok":
+            lines.append(f"{r['batch']:>3} {r['config']:<12} {r['status'].upper():>9}  {r['error'][:90]}")
+            continue
+        graph = r["graph"] if len(r["graph"]) < 40 else r["graph"][:37] + "..."
+        compile_s = f", compiled in {r['compile_s']:.0f} s" if r.get("compile_s") else ""
+        lines.append(f"{r['batch']:>3} {r['config']:<12} {r['median_ms']:9.3f} {r['steps_per_s']:8.1f} "
+                     f"{r['tokens_per_s']:9.0f} {r['block_tokens_per_s']:10.0f} {r['x_weight_floor']:7.2f} "
+                     f"{r['x_memory_floor']:7.2f} {r['matmul_fraction']:6.1%}  {graph}{compile_s}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(SPECS), default="llada-8b")
+    parser.add_argument("--batch", default=None, help="comma-separated batch sizes (default 1,4,16,64; quick 1,2)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and few iterations (CPU smoke run)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
+    parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 512; quick 16)")
+    parser.add_argument("--gen", type=int, default=None, help="generated tokens (default 256; quick 16)")
+    parser.add_argument("--block", type=int, default=None, help="block length (default 32; quick 8)")
+    parser.add_argument("--tokens-per-step", type=float, default=3.0,
+                        help="committed tokens per step assumed for tokens/s (threshold decoder at 0.9: ~3)")
+    parser.add_argument("--iters", type=int, default=None, help="timed steps per configuration (default 30)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps before timing (default 3)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    args = parser.parse_args(argv)
+    args.device = torch.device(args.device)
+    small = args.quick or args.device.type != "cuda"
+    if args.device.type != "cuda" and not (args.quick or args.model == "tiny"):
+        parser.error(f"--model {args.model} at real shapes needs CUDA; use --quick (or --model tiny) on a CPU")
+    defaults = {"batch": "1,2" if small else "1,4,16,64", "prompt": 16 if small else 512, "gen": 16 if small else 256,
+                "block": 8 if small else 32, "iters": 3 if small else 30, "warmup": 1 if small else 3}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        args.batches = sorted({int(b) for b in args.batch.split(",")}, reverse=True)  # largest first: cleanest memory
+    except ValueError:
+        parser.error(f"--batch must be comma-separated integers, got {args.batch!r}")
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown or not args.configs:
+        parser.error(f"unknown configurations {unknown}; choose from {', '.join(CONFIGS)}")
+    if min(args.batches) < 1 or args.gen % args.block or min(args.prompt, args.iters) < 1:
+        parser.error("need batch >= 1, prompt >= 1, iters >= 1 and gen a multiple of block")
+    args.spec = TINY_OF[args.model] if (args.quick or args.model == "tiny") else SPECS[args.model]
+    args.dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
+    return args
+
+
+def main(argv=None) -> int:
+    settings = parse_args(argv)
+    device, spec = settings.device, settings.spec
+    torch.manual_seed(0)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny shapes gain nothing from threads, and lose to contention on a busy host
+    env = environment(device)
+    log(f"{spec.name} on {env['device']}: batches {settings.batches}, configurations {settings.configs}")
+    for name in settings.configs:
+        reason = skip_reason(name, device)
+        if reason:
+            log(f"skipping {name} ({LABELS[name]}): {reason}")
+    rows, accountings, reports = [], {}, {}
+    with torch.inference_mode():
+        ceilings = measure_ceilings(device, settings.dtype, quick=settings.quick or device.type != "cuda")
+        log(f"ceilings: copy {ceilings['copy_bandwidth_Bps'] / 1e12:.3f} TB/s (read + write), "
+            f"{ceilings['matmul_size']}^3 {ceilings['matmul_dtype']} matmul {ceilings['matmul_flops'] / 1e12:.1f} TFLOP/s")
+        begin = time.perf_counter()
+        model = build_random_model(spec, device, settings.dtype)
+        synchronize(device)
+        build_s = time.perf_counter() - begin
+        log(f"built {spec.name} with random weights in {build_s:.1f} s: "
+            f"{sum(p.numel() for p in model.parameters()) / 1e9:.3f} B parameters")
+        for batch in settings.batches:
+            batch_rows, accounting, report = run_batch(model, spec, batch, settings, ceilings)
+            for row in batch_rows:
+                row.update(model=spec.name, device=env["device"], tokens_per_step=settings.tokens_per_step)
+                if accounting:
+                    row.update({k: accounting[k] for k in ("weight_bytes", "kv_bytes", "flops",
+                                                           "routed_experts_per_layer")},
+                               weight_floor_ms=accounting["weight_bytes"] / ceilings["copy_bandwidth_Bps"] * 1e3,
+                               memory_floor_ms=(accounting["weight_bytes"] + accounting["kv_bytes"])
+                               / ceilings["copy_bandwidth_Bps"] * 1e3)
+            rows += batch_rows
+            accountings[batch] = accounting
+            if report:
+                reports[batch] = report
+    meta = {"model": spec.name, "shapes": repr(spec.config), "block_causal": spec.block_causal,
+            "prompt": settings.prompt, "gen": settings.gen, "block": settings.block,
+            "cache": "dual (filled once by a refresh forward)", "decoder": "threshold 0.9",
+            "dtype": str(settings.dtype).removeprefix("torch."), "tokens_per_step": settings.tokens_per_step,
+            "iters": settings.iters, "warmup": settings.warmup, "environment": env, "ceilings": ceilings,
+            "model_build_s": build_s, "accounting": accountings, "configurations": {c: LABELS[c] for c in CONFIGS}}
+    stem = f"step-{spec.name.replace('(tiny)', '-tiny')}-{device_slug(device)}"
+    paths = write_outputs(settings.out, stem, meta, rows, reports)
+    for batch, report in sorted(reports.items())[:1]:
+        print(f"\nfusion report (fused_graph, batch {batch}):\n{report['table']}")
+    _print_summary(meta, rows, accountings, ceilings, paths)
+    return 0 if any(r["status"] == "ok" for r in rows) else 1
+
+
+def _print_summary(meta, rows, accountings, ceilings, paths) -> None:
+    env = meta["environment"]
+    print(f"\nwrote {', '.join(str(p) for p in paths)}")
+    print(f"\n{meta['model']} denoise step on {env['device']} (torch {env['torch']}, triton {env['triton']}), "
+          f"prompt {meta['prompt']} + gen {meta['gen']}, block {meta['block']}, dual cache, {meta['dtype']}")
+    print(f"ceilings (this run): copy {ceilings['copy_bandwidth_Bps'] / 1e12:.3f} TB/s, "
+          f"matmul {ceilings['matmul_flops'] / 1e12:.1f} TFLOP/s")
+    for batch, a in sorted(accountings.items()):
+        if not a:
+            continue
+        routed = (f", routed experts/layer {a['routed_experts_per_layer']:.1f} of {a['experts_per_layer']}"
+                  if a["routed_experts_per_layer"] is not None else "")
+        bandwidth = ceilings["copy_bandwidth_Bps"]
+        print(f"  B={batch:<3} weights read {a['weight_bytes'] / 1e9:.2f} GB -> floor "
+              f"{a['weight_bytes'] / bandwidth * 1e3:.3f} ms; + KV {a['kv_bytes'] / 1e9:.2f} GB -> "
+              f"{(a['weight_bytes'] + a['kv_bytes']) / bandwidth * 1e3:.3f} ms; {a['flops'] / 1e12:.2f} TFLOP{routed}")
+    print("xWfloor = ms/step over the weight-streaming floor; xWKVfl = over the weights + KV-cache floor; "
+          "MMfrac = model FLOP/s over the measured matmul rate")
+    print(table(rows, meta["tokens_per_step"]))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
