@@ -16,3 +16,11 @@ from .record import RecordingError, record  # noqa: E402
 
 __all__ = ["record", "RecordingError", "SubGraph", "OpNode", "Ref", "ScalarArg", "Pattern", "Match",
            "register"]
+from .config import FusionConfig  # noqa: E402
+from .heuristics import Decision, FusionHeuristics  # noqa: E402
+from .compiler import CompileError, KernelCompiler  # noqa: E402
+from .report import FusionReport  # noqa: E402
+from .scheduler import FusionScheduler, Program  # noqa: E402
+
+__all__ += ["FusionConfig", "FusionHeuristics", "Decision", "KernelCompiler", "CompileError", "FusionScheduler",
+            "Program", "FusionReport"]

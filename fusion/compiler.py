@@ -77,7 +77,10 @@ class KernelCompiler:
         if launch_key in self._launchers:
             self.cache.stats["memory_hits"] += 1
             hit = self._launchers[launch_key]
-            return CompiledGroup(**{**hit.__dict__, "cache_hit": "memory", "compile_seconds": 0.0})
+            # same structure, so the same argument order; the value names are this group's own
+            return CompiledGroup(**{**hit.__dict__, "cache_hit": "memory", "compile_seconds": 0.0,
+                                    "inputs": list(kernel.input_values), "scalar_args": list(kernel.scalar_args),
+                                    "outputs": [o.value for o in kernel.outputs]})
         if key in self.cache.memory:
             module, hit = self.cache.memory[key], "memory"
             self.cache.stats["memory_hits"] += 1
@@ -85,7 +88,7 @@ class KernelCompiler:
             source = self.cache.load_source(key)
             hit = "disk" if source is not None else None
             if source is None:
-                source = self._generate(kernel, looped)
+                source = self._generate(kernel, looped, block)
                 self.cache.store_source(key, source)
                 self.cache.stats["misses"] += 1
             else:
@@ -95,7 +98,10 @@ class KernelCompiler:
             except Exception as e:
                 raise CompileError(f"generated kernel {self.cache.source_path(key)} does not import: {e}") from e
             self.cache.memory[key] = module
-        fn = self._launcher(kernel, module, block, warps, device, graph)
+        try:
+            fn = self._launcher(kernel, module, block, warps, device, graph)
+        except Exception as e:
+            raise CompileError(f"building the launcher of {self.cache.source_path(key)} failed: {e}") from e
         group = CompiledGroup(fn, key, list(kernel.input_values), list(kernel.scalar_args),
                               [o.value for o in kernel.outputs], sub.structural_hash(),
                               str(self.cache.source_path(key)), time.perf_counter() - start, hit,
@@ -103,11 +109,11 @@ class KernelCompiler:
         self._launchers[launch_key] = group
         return group
 
-    def _generate(self, kernel: RowKernel, looped: bool) -> str:
+    def _generate(self, kernel: RowKernel, looped: bool, block: int) -> str:
         if self.config.backend == "ninetoothed":
             from . import codegen_ninetoothed
 
-            return codegen_ninetoothed.generate(kernel, "fused_kernel", looped)
+            return codegen_ninetoothed.generate(kernel, "fused_kernel", looped, block)
         return codegen_triton.generate(kernel, "fused_kernel", looped)
 
     def _launcher(self, kernel: RowKernel, module, block: int, warps: int, device: str, graph: SubGraph):

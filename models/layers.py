@@ -59,6 +59,8 @@ def attention(q, k, v, layer_index: int, cache, attention_bias):
         if attention_bias is not None:
             raise ValueError("pass the attention bias through the cache when a cache is used")
         k, v, attention_bias = cache.update(layer_index, k, v)
+    if attention_bias is not None and attention_bias.dtype != q.dtype:
+        attention_bias = attention_bias.to(q.dtype)  # some SDPA kernels want the query dtype
     grouped = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attention_bias, is_causal=False, enable_gqa=grouped
@@ -141,10 +143,17 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.config = config
         self.rotary_dim, self.rope_theta = rotary_dim, rope_theta
+        # What a runtime needs to size KV caches and buffers, uniform across families.
+        self.num_layers, self.hidden_size, self.vocab_size = len(layers), hidden, vocab_size
+        self.num_kv_heads, self.head_dim = layers[0].attn.n_kv_heads, layers[0].attn.head_dim
         self.embed_tokens = nn.Embedding(vocab_size, hidden)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(hidden, eps)
         self.lm_head = nn.Linear(hidden, vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)

@@ -53,7 +53,6 @@ class LLaDA2Config:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     score_function: str = "sigmoid"
-    moe_router_enable_expert_bias: bool = True
     use_qk_norm: bool = True
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -116,7 +115,9 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.c = c
         self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False)
-        self.expert_bias = nn.Parameter(torch.zeros(c.num_experts)) if c.moe_router_enable_expert_bias else None
+        # The reference gate always holds (and saves) an expert bias, whatever
+        # moe_router_enable_expert_bias says, so the checkpoint always carries one.
+        self.expert_bias = nn.Parameter(torch.zeros(c.num_experts))
         self.experts = Experts(c.num_experts, c.hidden_size, c.moe_intermediate_size)
         self.shared_experts = (SwiGLUMLP(c.hidden_size, c.moe_intermediate_size * c.num_shared_experts)
                                if c.num_shared_experts else None)
@@ -174,8 +175,7 @@ def checkpoint_map(config: LLaDA2Config, checkpoint_keys: set[str]) -> dict[str,
             names |= swiglu_sources(ours + "ffn.", mlp, c.intermediate_size)
             continue
         names[ours + "ffn.gate.weight"] = mlp + "gate.weight"
-        if c.moe_router_enable_expert_bias:
-            names[ours + "ffn.expert_bias"] = mlp + "gate.expert_bias"
+        names[ours + "ffn.expert_bias"] = mlp + "gate.expert_bias"
         names |= expert_sources(ours + "ffn.experts.", mlp, c.num_experts, c.moe_intermediate_size, fused_experts)
         if c.num_shared_experts:
             names |= swiglu_sources(ours + "ffn.shared_experts.", mlp + "shared_experts.",

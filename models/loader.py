@@ -6,6 +6,7 @@ filled, every shape right) before any weight is read, and only then are tensors 
 memory-mapped files, packed (QKV, gate-up, expert stacks), cast and moved to the device.
 """
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,7 +17,7 @@ from safetensors import safe_open
 from difuse.models.llada import LLaDAConfig, LLaDAModel, checkpoint_map as llada_map
 from difuse.models.llada2 import LLaDA2Config, LLaDA2Model, checkpoint_map as llada2_map
 from difuse.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModel, checkpoint_map as llada_moe_map
-from difuse.models.packing import assemble, expected_shapes, source_keys
+from difuse.models.packing import assemble, expected_shapes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -97,8 +98,12 @@ def _open(file: Path):
         raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from e
 
 
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
 def _headers(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
-    """Shape of every checkpoint tensor, checking that each shard holds what the index says."""
+    """Shape of every checkpoint tensor, checking that each shard holds what the index says and
+    that every tensor is floating point (quantised checkpoints are not supported)."""
     shapes = {}
     for file in sorted(set(files.values())):
         with _open(file) as f:
@@ -106,8 +111,11 @@ def _headers(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
             listed = {key for key, where in files.items() if where == file}
             if listed - held:
                 raise CheckpointError(f"{file}: lacks tensors the index assigns to it: {sorted(listed - held)[:10]}")
-            for key in listed:
-                shapes[key] = tuple(f.get_slice(key).get_shape())
+            for key in sorted(listed):
+                tensor = f.get_slice(key)
+                if tensor.get_dtype() not in FLOAT_DTYPES:
+                    raise CheckpointError(f"{file}: tensor {key} has dtype {tensor.get_dtype()}, not floating point")
+                shapes[key] = tuple(tensor.get_shape())
     return shapes
 
 
@@ -133,13 +141,22 @@ def _check(sources: dict, model: torch.nn.Module, shapes: dict[str, tuple[int, .
         raise CheckpointError(f"{path}: checkpoint does not match the model: " + "; ".join(problems))
 
 
+def _float_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
+    return resolved
+
+
 def _few(items: list[str], limit: int = 10) -> str:
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16):
-    """Build the model described by `path`/config.json and fill it from its safetensors files."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.bfloat16):
+    """Build the model described by `path`/config.json and fill it from its safetensors files,
+    with parameters in `dtype` (a torch dtype or its name, e.g. "bfloat16") on `device`."""
+    dtype = _float_dtype(dtype)
     hf_config = read_config(path)
     family = family_of(hf_config)
     try:
@@ -153,13 +170,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         model = family.model_class(config)
     _check(sources, model, shapes, path)
 
-    handles = {file: _open(file) for file in set(files.values())}
-    try:
-        state = {}
+    state = {}
+    with ExitStack() as stack:
+        handles = {file: stack.enter_context(_open(file)) for file in set(files.values())}
         for name, source in sources.items():
             target = torch.float32 if name.endswith(model.FP32_PARAMETERS) else dtype
             state[name] = assemble(source, lambda key: handles[files[key]].get_tensor(key).to(target)).to(device)
-    finally:
-        handles.clear()
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)

@@ -45,23 +45,45 @@ def sigmoid_group_topk_router(logits: torch.Tensor, expert_bias: torch.Tensor | 
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts stacked: w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I]."""
+    """E SwiGLU experts stacked: w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I].
 
-    def __init__(self, num_experts: int, hidden: int, inner: int):
+    Two plain PyTorch dispatches compute the same sum; `dispatch` picks one:
+    - "sorted" (default): token slots grouped by expert, one GEMM pair per expert that received
+      tokens. Does only the needed work but reads the per-expert counts on the host, so it
+      cannot be captured in a CUDA graph.
+    - "dense": every expert runs on every token, weighted by its routing weight (0 when not
+      chosen). No host sync and static shapes, so it is CUDA-graph capturable; it costs E / K
+      times the expert FLOPs but reads the same weights, which at decode-sized token counts
+      (where most experts are hit anyway) makes it about as fast.
+    Fused MoE kernels replace both."""
+
+    DISPATCHES = ("sorted", "dense")
+
+    def __init__(self, num_experts: int, hidden: int, inner: int, dispatch: str = "sorted"):
         super().__init__()
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inner, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inner))
+        self.dispatch = dispatch
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x [N, H], weights [N, K], ids [N, K] -> sum_k weights[n, k] * expert_ids[n, k](x[n]).
+        """x [N, H], weights [N, K], ids [N, K] -> sum_k weights[n, k] * expert_ids[n, k](x[n]),
+        accumulated in fp32 and returned in x's dtype."""
+        if self.dispatch == "sorted":
+            out = self._sorted(x, weights.float(), ids)
+        elif self.dispatch == "dense":
+            out = self._dense(x, weights.float(), ids)
+        else:
+            raise ValueError(f"unknown MoE dispatch {self.dispatch!r}; choose from {self.DISPATCHES}")
+        return out.to(x.dtype)
 
-        Reference dispatch: token slots sorted by expert, one GEMM pair per expert that received
-        tokens, weighted rows accumulated in fp32. The per-expert loop reads the token counts on
-        the host, so this path is not CUDA-graph capturable; fused MoE kernels replace it."""
+    def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(swiglu_fused(F.linear(x, self.w13[expert])), self.w2[expert])
+
+    def _sorted(self, x, weights, ids):
         N, K = ids.shape
         order = ids.flatten().argsort(stable=True)  # slot indices grouped by expert
-        counts = torch.bincount(ids.flatten(), minlength=self.w13.shape[0]).tolist()
-        slot_weights = weights.flatten().float()
+        counts = torch.bincount(ids.flatten(), minlength=self.w13.shape[0]).tolist()  # host sync
+        slot_weights = weights.flatten()
         out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
         start = 0
         for expert, count in enumerate(counts):
@@ -69,7 +91,22 @@ class Experts(nn.Module):
                 continue
             slots = order[start:start + count]
             tokens = slots // K
-            y = F.linear(swiglu_fused(F.linear(x[tokens], self.w13[expert])), self.w2[expert])  # [count, H]
-            out.index_add_(0, tokens, y.float() * slot_weights[slots, None])
+            out.index_add_(0, tokens, self._expert(expert, x[tokens]).float() * slot_weights[slots, None])
             start += count
-        return out.to(x.dtype)
+        return out
+
+    def _dense(self, x, weights, ids):
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        for expert in range(self.w13.shape[0]):
+            token_weight = (weights * (ids == expert)).sum(dim=-1)  # [N], 0 where not routed here
+            out += self._expert(expert, x).float() * token_weight[:, None]
+        return out
+
+
+def set_moe_dispatch(model: nn.Module, dispatch: str) -> None:
+    """Switch every Experts module of `model` to `dispatch` ("sorted" or "dense")."""
+    if dispatch not in Experts.DISPATCHES:
+        raise ValueError(f"unknown MoE dispatch {dispatch!r}; choose from {Experts.DISPATCHES}")
+    for module in model.modules():
+        if isinstance(module, Experts):
+            module.dispatch = dispatch

@@ -25,12 +25,6 @@ class Stack:
 Source = Union[str, Cat, Stack]
 
 
-def source_keys(source: Source) -> list[str]:
-    if isinstance(source, str):
-        return [source]
-    return [key for part in source.parts for key in source_keys(part)]
-
-
 def expected_shapes(source: Source, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
     """The checkpoint shape each key must have for `source` to assemble a tensor of `shape`."""
     if isinstance(source, str):

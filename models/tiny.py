@@ -156,8 +156,7 @@ def _llada2_shapes(c: dict) -> dict[str, tuple[int, ...]]:
             shapes |= _swiglu_shapes(p + "mlp.", H, c["intermediate_size"])
             continue
         shapes[p + "mlp.gate.weight"] = (E, H)
-        if c["moe_router_enable_expert_bias"]:
-            shapes[p + "mlp.gate.expert_bias"] = (E,)
+        shapes[p + "mlp.gate.expert_bias"] = (E,)
         for e in range(E):
             shapes |= _swiglu_shapes(f"{p}mlp.experts.{e}.", H, I)
         if c["num_shared_experts"]:
@@ -260,7 +259,13 @@ def make_tiny_checkpoint(path: str | Path, kind: str = "llada", seed: int = 0, s
     path.mkdir(parents=True, exist_ok=True)
     make_config, make_shapes = KINDS[kind]
     special = _write_tokenizer(path, kind)
-    config = make_config(special) | overrides
+    config = make_config(special)
+    unknown = sorted(set(overrides) - set(config))
+    if unknown:
+        raise ValueError(f"unknown {kind} config fields {unknown}; known: {sorted(config)}")
+    if kind == "llada_moe" and "num_hidden_layers" in overrides and "moe_layer_freq" not in overrides:
+        config["moe_layer_freq"] = [1] * overrides["num_hidden_layers"]  # every layer MoE, as the real model
+    config |= overrides
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(config, indent=2))
     _write_weights(path, _random_weights(make_shapes(config), seed, dtype), shards)

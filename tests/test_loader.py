@@ -44,6 +44,12 @@ def test_misshaped_tensor_is_named(checkpoint):
         load_model(checkpoint)
 
 
+def test_integer_tensor_is_refused(checkpoint):
+    rewrite(checkpoint, lambda w: w.update({"model.transformer.ln_f.weight": torch.ones(64, dtype=torch.int8)}))
+    with pytest.raises(CheckpointError, match=r"ln_f\.weight has dtype I8, not floating point"):
+        load_model(checkpoint)
+
+
 def test_truncated_file_is_named(checkpoint):
     data = (checkpoint / "model.safetensors").read_bytes()
     (checkpoint / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -90,6 +96,9 @@ def test_shard_problems_are_named(tmp_path):
 
 
 def test_load_casts_and_freezes(pristine):
+    with pytest.raises(ValueError, match="floating-point torch dtype"):
+        load_model(pristine, "cpu", "int8")
+    assert load_model(pristine, "cpu", "float32").dtype == torch.float32
     model = load_model(pristine, "cpu", torch.float16)
     assert all(p.dtype == torch.float16 and p.device.type == "cpu" and not p.requires_grad for p in model.parameters())
     assert not model.training
@@ -124,3 +133,15 @@ def test_tokenizer_round_trip_and_chat_template(pristine):
     assert tokenizer.decode(chat) == expected
     special = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
     assert chat[:2] == special[:2] and chat.count(special[3]) == 1 and chat.count(256) == 1
+
+
+@pytest.mark.parametrize("kind", ["llada_moe", "llada2"])
+def test_ling_tokenizer_and_chat_template(tmp_path, kind):
+    path = make_tiny_checkpoint(tmp_path, kind=kind)
+    tokenizer = load_tokenizer(path)
+    config = json.loads((path / "config.json").read_text())
+    assert tokenizer.convert_ids_to_tokens([config["mask_token_id"], config["eos_token_id"]]) == ["<|mask|>", "<|endoftext|>"]
+    chat = encode_prompt(tokenizer, "2+2?")
+    assert tokenizer.decode(chat) == "<role>HUMAN</role>2+2?<|role_end|><role>ASSISTANT</role>"
+    assert chat[0] == tokenizer.convert_tokens_to_ids("<role>")
+    assert tokenizer.decode(encode_prompt(tokenizer, "x y", chat=False)) == "x y"

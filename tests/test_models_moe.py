@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from difuse.models import (
     CheckpointError, LLaDA2Model, LLaDAMoEModel, block_causal_bias, load_model, make_tiny_checkpoint,
-    sigmoid_group_topk_router, softmax_topk_router,
+    set_moe_dispatch, sigmoid_group_topk_router, softmax_topk_router,
 )
 
 
@@ -140,16 +140,21 @@ MOE_VARIANTS = {
 }
 
 
+def tolerance(device):
+    return dict(atol=2e-4, rtol=2e-4) if device == "cpu" else dict(atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("variant", sorted(MOE_VARIANTS))
-def test_llada_moe_matches_reference(tmp_path, variant):
+def test_llada_moe_matches_reference(tmp_path, variant, device):
     overrides = MOE_VARIANTS[variant]
     path = make_tiny_checkpoint(tmp_path, kind="llada_moe", seed=2, **overrides)
-    model = load_model(path, "cpu", torch.float32)
+    model = load_model(path, device, torch.float32)
     assert isinstance(model, LLaDAMoEModel)
     input_ids = torch.randint(0, 320, (2, 9))
     positions = torch.arange(9).expand(2, 9) + torch.tensor([[0], [3]])
-    logits = model.compute_logits(model(input_ids, positions))
-    torch.testing.assert_close(logits, reference_llada_moe(path, input_ids, positions), atol=2e-4, rtol=2e-4)
+    logits = model.compute_logits(model(input_ids.to(device), positions.to(device))).cpu()
+    torch.testing.assert_close(logits, reference_llada_moe(path, input_ids, positions), **tolerance(device))
 
 
 def test_llada_moe_fused_expert_format(tmp_path):
@@ -223,6 +228,24 @@ def test_sigmoid_group_router_groups_restrict_choice():
     assert sorted(ids[0].tolist()) == [0, 4]
 
 
+def test_expert_dispatches_agree():
+    from difuse.models.moe import Experts
+
+    experts = Experts(num_experts=6, hidden=24, inner=10)
+    torch.nn.init.normal_(experts.w13, std=0.2)
+    torch.nn.init.normal_(experts.w2, std=0.2)
+    x = torch.randn(13, 24)
+    weights, ids = softmax_topk_router(torch.randn(13, 6), top_k=2)
+    expected = torch.stack([sum(w * experts._expert(e, x[n]) for w, e in zip(weights[n], ids[n].tolist()))
+                            for n in range(13)])
+    for dispatch in Experts.DISPATCHES:
+        experts.dispatch = dispatch
+        torch.testing.assert_close(experts(x, weights, ids), expected, atol=1e-5, rtol=1e-5)
+    experts.dispatch = "grouped"
+    with pytest.raises(ValueError, match="unknown MoE dispatch"):
+        experts(x, weights, ids)
+
+
 def test_block_causal_bias():
     bias = block_causal_bias(7, 3, dtype=torch.float32)
     assert bias.shape == (1, 1, 7, 7)
@@ -240,19 +263,21 @@ def llada2_checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("llada2"), kind="llada2", seed=4)
 
 
-def test_llada2_matches_reference_block_causal(llada2_checkpoint):
-    model = load_model(llada2_checkpoint, "cpu", torch.float32)
+@pytest.mark.gpu
+def test_llada2_matches_reference_block_causal(llada2_checkpoint, device):
+    model = load_model(llada2_checkpoint, device, torch.float32)
     assert isinstance(model, LLaDA2Model)
     T, block = 10, 4
     input_ids = torch.randint(0, 320, (2, T))
     positions = torch.arange(T).expand(2, T)
-    logits = model.compute_logits(model(input_ids, positions, attention_bias=block_causal_bias(T, block)))
+    bias = block_causal_bias(T, block, device=device)
+    logits = model.compute_logits(model(input_ids.to(device), positions.to(device), attention_bias=bias)).cpu()
     mask = torch.tensor([[j // block <= i // block for j in range(T)] for i in range(T)])
     torch.testing.assert_close(logits, reference_llada2(llada2_checkpoint, input_ids, positions, mask),
-                               atol=2e-4, rtol=2e-4)
-    bidirectional = model.compute_logits(model(input_ids, positions))
+                               **tolerance(device))
+    bidirectional = model.compute_logits(model(input_ids.to(device), positions.to(device))).cpu()
     torch.testing.assert_close(bidirectional, reference_llada2(llada2_checkpoint, input_ids, positions, None),
-                               atol=2e-4, rtol=2e-4)
+                               **tolerance(device))
 
 
 class PrefixCache:
@@ -281,6 +306,38 @@ def test_llada2_blockwise_prefix_cache_is_exact(llada2_checkpoint):
         window = slice(start, start + block)
         out = model(input_ids[:, window], positions[:, window], cache=cache)  # block sees itself + the prefix
         torch.testing.assert_close(out, full[:, window], atol=1e-5, rtol=1e-5)
+
+
+def test_llada2_dense_dispatch_matches_sorted(llada2_checkpoint):
+    model = load_model(llada2_checkpoint, "cpu", torch.float32)
+    input_ids, positions = torch.randint(0, 320, (2, 8)), torch.arange(8)[None]
+    sorted_out = model(input_ids, positions)
+    set_moe_dispatch(model, "dense")
+    torch.testing.assert_close(model(input_ids, positions), sorted_out, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown MoE dispatch"):
+        set_moe_dispatch(model, "fused")
+
+
+@pytest.mark.cuda
+def test_llada2_dense_dispatch_captures_in_cuda_graph(llada2_checkpoint):
+    model = load_model(llada2_checkpoint, "cuda", torch.bfloat16)
+    set_moe_dispatch(model, "dense")
+    input_ids = torch.randint(0, 320, (2, 8), device="cuda")
+    positions = torch.arange(8, device="cuda")[None]
+    bias = block_causal_bias(8, 4, device="cuda", dtype=torch.bfloat16)
+    expected = model(input_ids, positions, attention_bias=bias)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph, as capture requires
+        model(input_ids, positions, attention_bias=bias)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = model(input_ids, positions, attention_bias=bias)
+    input_ids.copy_(torch.randint(0, 320, (2, 8), device="cuda"))
+    graph.replay()
+    torch.testing.assert_close(captured, model(input_ids, positions, attention_bias=bias))
+    assert not torch.equal(captured, expected)
 
 
 def test_llada2_bf16_router_params_stay_fp32(llada2_checkpoint):

@@ -1,0 +1,173 @@
+"""FusionReport: what was fused, why, and how fast, as a table, a dict, an HTML page or a PNG."""
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+_COPY_BANDWIDTH: dict[str, float] = {}
+
+
+def copy_bandwidth(device: str = "cuda" if torch.cuda.is_available() else "cpu") -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (read + write), once per process."""
+    if device in _COPY_BANDWIDTH:
+        return _COPY_BANDWIDTH[device]
+    is_cuda = torch.device(device).type == "cuda"
+    n = (256 if is_cuda else 32) * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    if is_cuda:
+        from triton.testing import do_bench
+
+        seconds = do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3
+    else:
+        samples = []
+        for _ in range(5):
+            start = time.perf_counter()
+            dst.copy_(src)
+            samples.append(time.perf_counter() - start)
+        seconds = sorted(samples)[len(samples) // 2]
+    _COPY_BANDWIDTH[device] = 2 * n * 4 / seconds
+    return _COPY_BANDWIDTH[device]
+
+
+@dataclass
+class GroupRecord:
+    name: str  # pattern name or "generic"
+    kind: str  # "pattern" or "generic"
+    nodes: int
+    ops: list[str] = field(default_factory=list)
+    hash: str = ""
+    decision: bool = False
+    reason: str = ""
+    compile_seconds: float = 0.0
+    cache_hit: str | None = None  # "memory", "disk" or None (generated)
+    t_fused: float | None = None
+    t_fallback: float | None = None
+    bytes_moved: int | None = None
+
+    @property
+    def gbps(self) -> float | None:
+        if self.t_fused and self.bytes_moved:
+            return self.bytes_moved / self.t_fused / 1e9
+        return None
+
+    @property
+    def speedup(self) -> float | None:
+        if self.t_fused and self.t_fallback:
+            return self.t_fallback / self.t_fused
+        return None
+
+
+class FusionReport:
+    def __init__(self):
+        self.groups: list[GroupRecord] = []
+        self.compile_seconds = 0.0
+
+    def add(self, record: GroupRecord) -> GroupRecord:
+        self.groups.append(record)
+        return record
+
+    def _bandwidth(self) -> float | None:
+        return copy_bandwidth() if any(g.gbps for g in self.groups) else None
+
+    def to_dict(self) -> dict:
+        bw = self._bandwidth()
+        groups = []
+        for g in self.groups:
+            d = asdict(g)
+            d["gbps"] = g.gbps
+            d["speedup"] = g.speedup
+            d["fraction_of_copy_bandwidth"] = g.gbps * 1e9 / bw if bw and g.gbps else None
+            groups.append(d)
+        return {
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "copy_bandwidth_gbps": bw / 1e9 if bw else None,
+            "compile_seconds": self.compile_seconds,
+            "fused": sum(g.decision for g in self.groups),
+            "groups": groups,
+        }
+
+    def __str__(self) -> str:
+        bw = self._bandwidth()
+        head = ["group", "nodes", "fused", "compile ms", "cache", "fused us", "unfused us", "x", "GB/s",
+                "% copy", "reason"]
+        rows = []
+        for g in self.groups:
+            us = (lambda t: f"{t * 1e6:.1f}" if t else "-")
+            rows.append([g.name, str(g.nodes), "yes" if g.decision else "no", f"{g.compile_seconds * 1e3:.1f}",
+                         g.cache_hit or "-", us(g.t_fused), us(g.t_fallback),
+                         f"{g.speedup:.2f}" if g.speedup else "-", f"{g.gbps:.1f}" if g.gbps else "-",
+                         f"{100 * g.gbps * 1e9 / bw:.0f}" if bw and g.gbps else "-", g.reason])
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
+
+        def fmt(r):
+            return "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]
+
+        title = f"FusionReport: {len(self.groups)} groups, {sum(g.decision for g in self.groups)} fused"
+        if bw:
+            title += f", device copy bandwidth {bw / 1e9:.1f} GB/s"
+        return "\n".join([title, fmt(head), *(fmt(r) for r in rows)])
+
+    def save_html(self, path) -> None:
+        """A standalone page: the table plus an inline SVG bar chart of fused vs unfused time."""
+        timed = [g for g in self.groups if g.t_fused and g.t_fallback]
+        bar_h, width = 18, 520
+        top = max([max(g.t_fused, g.t_fallback) for g in timed], default=1.0)
+        bars = []
+        for k, g in enumerate(timed):
+            y = k * (2 * bar_h + 12)
+            for j, (t, color, label) in enumerate([(g.t_fallback, "#bbb", "unfused"), (g.t_fused, "#2a7", "fused")]):
+                w = max(1.0, width * t / top)
+                bars.append(f'<rect x="160" y="{y + j * bar_h}" width="{w:.1f}" height="{bar_h - 2}" fill="{color}"/>'
+                            f'<text x="{165 + w:.1f}" y="{y + j * bar_h + 13}" font-size="11">{label} '
+                            f'{t * 1e6:.1f} us</text>')
+            bars.append(f'<text x="0" y="{y + bar_h + 4}" font-size="12">{html.escape(g.name)}</text>')
+        height = max(1, len(timed)) * (2 * bar_h + 12)
+        svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 320}" height="{height}">'
+               + "".join(bars) + "</svg>")
+        d = self.to_dict()
+        cols = ["name", "nodes", "decision", "reason", "compile_seconds", "cache_hit", "t_fused", "t_fallback",
+                "speedup", "bytes_moved", "gbps", "fraction_of_copy_bandwidth"]
+        rows = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(g[c]))}</td>" for c in cols) + "</tr>"
+                       for g in d["groups"])
+        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>difuse fusion report</title>"
+                f"<style>body{{font-family:sans-serif}}td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}</style>"
+                f"</head><body><h1>difuse fusion report</h1><p>device: {html.escape(d['device'])}; "
+                f"copy bandwidth: {_cell(d['copy_bandwidth_gbps'])} GB/s; compile: "
+                f"{d['compile_seconds']:.3f} s</p>{svg}<table><tr>"
+                + "".join(f"<th>{c}</th>" for c in cols) + f"</tr>{rows}</table></body></html>")
+        with open(path, "w") as f:
+            f.write(page)
+
+    def save_png(self, path) -> None:
+        """Bar chart of fused vs unfused time per group (needs matplotlib)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as e:
+            raise ImportError("FusionReport.save_png needs matplotlib (pip install difuse[bench])") from e
+        timed = [g for g in self.groups if g.t_fused and g.t_fallback]
+        fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * max(1, len(timed))))
+        ys = range(len(timed))
+        ax.barh([y + 0.2 for y in ys], [g.t_fallback * 1e6 for g in timed], 0.4, label="unfused", color="#bbb")
+        ax.barh([y - 0.2 for y in ys], [g.t_fused * 1e6 for g in timed], 0.4, label="fused", color="#2a7")
+        ax.set_yticks(list(ys), [f"{g.name} ({g.nodes})" for g in timed])
+        ax.set_xlabel("time per call (us)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

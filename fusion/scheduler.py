@@ -1,0 +1,576 @@
+"""FusionScheduler: SubGraph -> Program (patterns, then generic groups, then heuristics).
+
+1. Patterns, highest priority first; a match is kept if it overlaps no earlier match, its outputs
+   cover every value escaping its nodes, and contracting it creates no cycle.
+2. Generic groups: connected components of fusible edges (supported pointwise / row-reduction ops,
+   one reduction, one row space, no in-place ops, at most max_nodes), grown without cycles.
+3. Heuristics: static rules, then on first use validation (debug_mode) and measurement (profile).
+The Program is generated straight-line Python: one line per unfused op or fused launch, `del` after
+last use, no interpreter loop. It allocates only its outputs and issues no host syncs, so it can be
+captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .cache import cache_key, device_name
+from .compiler import CompileError, CompiledGroup, KernelCompiler
+from .config import FusionConfig
+from .heuristics import Decision, FusionHeuristics
+from .ir import Ref, ScalarArg, SubGraph, _resolve
+from .lowering import REDUCTIONS, SUPPORTED_OPS, Unsupported, lower, row_space
+from .pattern import Match, Pattern, registered_patterns
+from .report import FusionReport, GroupRecord
+
+log = logging.getLogger("difuse.fusion")
+
+
+@dataclass
+class Group:
+    kind: str  # "pattern" or "generic"
+    name: str
+    nodes: tuple[int, ...]
+    inputs: list[str]
+    outputs: list[str]
+    scalar_args: list[int] = field(default_factory=list)  # generic: kernel scalar order
+    params: dict = field(default_factory=dict)  # pattern: keyword params (may hold ScalarArg)
+    pattern: Pattern | None = None
+    compiled: CompiledGroup | None = None
+    decision: Decision | None = None
+    record: GroupRecord | None = None
+
+    @property
+    def fused(self) -> bool:
+        return self.decision is not None and self.decision.fuse
+
+
+def dependencies(graph: SubGraph) -> list[set[int]]:
+    """deps[i]: nodes that must run before node i -- data edges plus the order of reads and
+    in-place writes of every storage (aliases included)."""
+    deps: list[set[int]] = []
+    last_writer: dict[int, int] = {}
+    readers: dict[int, list[int]] = {}
+    for i, node in enumerate(graph.nodes):
+        d = {p for n in node.inputs if (p := graph.producer(n)) is not None}
+        for n in set(node.inputs):
+            s = graph.meta[n].storage
+            if s in last_writer:
+                d.add(last_writer[s])
+            readers.setdefault(s, []).append(i)
+        for n in node.mutates:
+            s = graph.meta[n].storage
+            d.update(r for r in readers.get(s, []) if r != i)
+            last_writer[s], readers[s] = i, []
+        deps.append(d)
+    return deps
+
+
+def _creates_cycle(members: set[int], deps: list[set[int]], users: list[set[int]]) -> bool:
+    """Whether some path leaves `members` and comes back (contracting them would create a cycle)."""
+    hi = max(members)
+    stack = [u for m in members for u in users[m] if u not in members and u < hi]
+    seen: set[int] = set()
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        for u in users[v]:
+            if u in members:
+                return True
+            if u < hi:
+                stack.append(u)
+    return False
+
+
+class Program:
+    """An executable schedule of a SubGraph. Call it with the recorded function's positional args."""
+
+    def __init__(self, graph: SubGraph, groups: list[Group], source: str, fn: Callable, report: FusionReport):
+        self.graph = graph
+        self.groups = groups
+        self.source = source
+        self.fn = fn
+        self.report = report
+
+    def __call__(self, *args):
+        with torch.no_grad():
+            return self.fn(*args)
+
+    @property
+    def fused_groups(self) -> list[Group]:
+        return [g for g in self.groups if g.fused]
+
+
+class _Source:
+    """Renders node arguments as Python source; non-trivial literals become named globals."""
+
+    def __init__(self):
+        self.globals: dict[str, Any] = {}
+        self._ids: dict[int, str] = {}
+
+    def const(self, value: Any, prefix: str = "k") -> str:
+        key = id(value)
+        if key not in self._ids:
+            name = f"_{prefix}{len(self.globals)}"
+            self.globals[name] = value
+            self._ids[key] = name
+        return self._ids[key]
+
+    def expr(self, x: Any) -> str:
+        if isinstance(x, Ref):
+            return x.name
+        if isinstance(x, ScalarArg):
+            return f"arg{x.index}"
+        if x is None or isinstance(x, (bool, int, str)):
+            return repr(x)
+        if isinstance(x, float):
+            return repr(x) if math.isfinite(x) else f"float({str(x)!r})"
+        if isinstance(x, list):
+            return "[" + ", ".join(self.expr(v) for v in x) + "]"
+        if isinstance(x, tuple):
+            return "(" + "".join(self.expr(v) + ", " for v in x) + ")"
+        return self.const(x)
+
+
+class FusionScheduler:
+    def __init__(self, config: FusionConfig | None = None, patterns: list[Pattern] | None = None):
+        self.config = config or FusionConfig()
+        self.patterns = registered_patterns() if patterns is None else sorted(patterns, key=lambda p: -p.priority)
+        self.compiler = KernelCompiler(self.config)
+        self.heuristics = FusionHeuristics(self.config, self.compiler.cache)
+        self._programs: dict[tuple, Program] = {}
+        self._variants: dict[tuple, SubGraph] = {}
+        self._report = FusionReport()
+        self._first_output = None  # the output of the reference replay done while compiling
+
+    # -- grouping ------------------------------------------------------------------------------
+    def _match_patterns(self, graph: SubGraph, deps, users) -> list[Group]:
+        taken: set[int] = set()
+        groups = []
+        if not self.config.enable_fusion:
+            return groups
+        for pattern in self.patterns:
+            try:
+                matches = pattern.match(graph)
+            except Exception as e:  # a broken matcher must not take the model down
+                if not self.config.fallback_on_error:
+                    raise
+                log.warning("pattern %s: matcher failed: %s", pattern.name, e)
+                continue
+            for m in matches:
+                reason = self._invalid_match(graph, m, taken, deps, users)
+                if reason:
+                    log.debug("pattern %s: match at %s rejected: %s", pattern.name, m.nodes, reason)
+                    continue
+                taken.update(m.nodes)
+                scalars = [v.index for v in m.params.values() if isinstance(v, ScalarArg)]
+                groups.append(Group("pattern", pattern.name, tuple(sorted(m.nodes)), list(m.inputs),
+                                    list(m.outputs), scalars, dict(m.params), pattern))
+        return groups
+
+    @staticmethod
+    def _invalid_match(graph: SubGraph, m: Match, taken: set[int], deps, users) -> str | None:
+        members = set(m.nodes)
+        if not members or members & taken:
+            return "overlaps an earlier match"
+        if any(not 0 <= i < len(graph.nodes) for i in members):
+            return "node index out of range"
+        produced = {n for i in members for n in graph.nodes[i].outputs}
+        escaping = {n for n in produced if n in graph.outputs or any(u not in members for u in graph.users(n))}
+        missing = escaping - set(m.outputs)
+        if missing:
+            return f"escaping values not in outputs: {sorted(missing)}"
+        if any(n not in produced for n in m.outputs):
+            return "an output is not produced by the matched nodes"
+        if any(graph.meta.get(n) is None for n in m.inputs):
+            return "unknown input value"
+        if _creates_cycle(members, deps, users):
+            return "contracting the match would create a cycle"
+        return None
+
+    def _generic_groups(self, graph: SubGraph, taken: set[int], deps, users) -> list[list[int]]:
+        cfg = self.config
+        fusible = [i for i, n in enumerate(graph.nodes)
+                   if i not in taken and not n.mutates and n.op in SUPPORTED_OPS and n.op in cfg.op_whitelist]
+        fusible_set = set(fusible)
+        group_of: dict[int, int] = {i: i for i in fusible}
+        members: dict[int, set[int]] = {i: {i} for i in fusible}
+        space: dict[int, tuple] = {}
+        for i in fusible:
+            try:
+                space[i] = row_space(graph, [i])
+            except Unsupported:
+                space[i] = None
+
+        def reductions(ms):
+            return sum(graph.nodes[j].op in REDUCTIONS for j in ms)
+
+        for i in fusible:
+            for name in graph.nodes[i].inputs:
+                p = graph.producer(name)
+                if p is None or p not in fusible_set:
+                    continue
+                a, b = group_of[p], group_of[i]
+                if a == b:
+                    continue
+                merged = members[a] | members[b]
+                if len(merged) > cfg.max_nodes or reductions(merged) > 1:
+                    continue
+                try:
+                    lower(graph, sorted(merged))
+                except Unsupported:
+                    continue
+                if _creates_cycle(merged, deps, users):
+                    continue
+                for j in members[b]:
+                    group_of[j] = a
+                members[a] = merged
+                del members[b]
+        return [sorted(ms) for ms in members.values() if len(ms) >= 1]
+
+    # -- compile -------------------------------------------------------------------------------
+    def compile(self, graph: SubGraph, *args) -> Program:
+        """Schedule `graph`; with example `args` (the recorded function's positional args), fused
+        kernels are validated / profiled on the real intermediate values of one reference replay
+        (which runs the step once, like dispatch does on first use); without, on random inputs."""
+        start = time.perf_counter()
+        deps = dependencies(graph)
+        users: list[set[int]] = [set() for _ in graph.nodes]
+        for i, d in enumerate(deps):
+            for p in d:
+                users[p].add(i)
+        groups = self._match_patterns(graph, deps, users)
+        taken = {i for g in groups for i in g.nodes}
+        if self.config.enable_fusion:
+            for nodes in self._generic_groups(graph, taken, deps, users):
+                if len(nodes) < self.config.min_nodes:
+                    continue
+                sub = graph.subgraph(nodes)
+                groups.append(Group("generic", "generic", tuple(nodes), list(sub.inputs), list(sub.outputs)))
+        for g in groups:
+            self._decide_static(graph, g)
+        values = self._example_values(graph, groups, args)
+        for g in groups:
+            if g.fused:
+                self._decide_dynamic(graph, g, values, args)
+        program = self._build(graph, groups, deps)
+        self._report.compile_seconds += time.perf_counter() - start
+        return program
+
+    def _decide_static(self, graph: SubGraph, g: Group) -> None:
+        g.decision = self.heuristics.static_rules(graph, list(g.nodes), generic=g.kind == "generic")
+        g.record = self._report.add(GroupRecord(name=g.name, kind=g.kind, nodes=len(g.nodes),
+                                                ops=[graph.nodes[i].op for i in g.nodes]))
+        if not g.fused:
+            return
+        if g.kind == "generic":
+            try:
+                g.compiled = self.compiler.compile_group(graph, list(g.nodes))
+            except CompileError as e:
+                if not self.config.fallback_on_error:
+                    raise
+                log.warning("generic group of %d nodes falls back: %s", len(g.nodes), e)
+                g.decision = Decision(False, f"compile failed, unfused ops run instead: {e}")
+                return
+            g.inputs, g.outputs, g.scalar_args = g.compiled.inputs, g.compiled.outputs, g.compiled.scalar_args
+            g.record.compile_seconds = g.compiled.compile_seconds
+            g.record.cache_hit = g.compiled.cache_hit
+            g.record.bytes_moved = g.compiled.bytes_moved
+            g.record.hash = g.compiled.structural_hash
+
+    def _example_values(self, graph: SubGraph, groups: list[Group], args: tuple) -> dict[str, torch.Tensor]:
+        """Inputs of every fused group: from one reference replay when args are given, else random."""
+        needed = {n for g in groups if g.fused for n in g.inputs}
+        if not needed:
+            return {}
+        if args:
+            return self._replay_capture(graph, groups, args, needed)
+        out = {}
+        for name in needed:
+            m = graph.meta[name]
+            if name in graph.constants:
+                out[name] = graph.constants[name]
+            elif m.dtype.is_floating_point:
+                out[name] = torch.randn(m.shape, dtype=m.dtype, device=m.device)
+            else:
+                out[name] = torch.zeros(m.shape, dtype=m.dtype, device=m.device)
+        return out
+
+    def _replay_capture(self, graph, groups, args, needed) -> dict[str, torch.Tensor]:
+        written = {graph.meta[n].storage for node in graph.nodes for n in node.mutates}
+        place = {}
+        for g in groups:
+            if g.fused:
+                for n in g.inputs:
+                    place.setdefault(max(g.nodes), []).append(n)
+        env: dict[str, Any] = dict(graph.constants)
+        env.update({name: args[pos] for name, pos in graph.inputs.items()})
+        captured: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for i, node in enumerate(graph.nodes):
+                for n in place.get(i, []):
+                    if n not in captured and n in env:
+                        v = env[n]
+                        captured[n] = v.clone() if graph.meta[n].storage in written else v
+                result = node.target(*_resolve(node.args, env, args), **_resolve(node.kwargs, env, args))
+                for name, value in zip(node.out_leaves, tree_flatten(result)[0]):
+                    if name is not None:
+                        env[name] = value
+        self._first_output = tree_unflatten(
+            [env[x.name] if isinstance(x, Ref) else x for x in graph.output_leaves], graph.output_spec)
+        return captured
+
+    def _callables(self, graph: SubGraph, g: Group, values: dict, args: tuple):
+        """(fused, reference) zero-argument callables on the example values; inputs the group
+        writes in place are cloned per call."""
+        scalars = {i: (args[i] if args else graph.specialized.get(i, 1.0)) for i in g.scalar_args}
+        written = {n for i in g.nodes for n in graph.nodes[i].mutates}
+
+        def inputs():
+            return [values[n].clone() if n in written else values[n] for n in g.inputs]
+
+        if g.kind == "pattern":
+            params = {k: scalars[v.index] if isinstance(v, ScalarArg) else v for k, v in g.params.items()}
+            return (lambda: _as_tuple(g.pattern.kernel(*inputs(), **params)),
+                    lambda: _as_tuple(g.pattern.reference(*inputs(), **params)))
+        sub = graph.subgraph(g.nodes)
+        scalar_values = [scalars[i] for i in g.scalar_args]
+        full_args = list(args) if args else [graph.specialized.get(i, 1.0) for i in range(graph.num_args)]
+        for i, v in scalars.items():
+            full_args[i] = v
+
+        def reference():
+            env = dict(zip(g.inputs, inputs()))
+            for node in sub.nodes:
+                result = node.target(*_resolve(node.args, env, full_args), **_resolve(node.kwargs, env, full_args))
+                for name, value in zip(node.out_leaves, tree_flatten(result)[0]):
+                    if name is not None:
+                        env[name] = value
+            return tuple(env[n] for n in g.outputs)
+
+        return (lambda: g.compiled.fn(*inputs(), *scalar_values)), reference
+
+    def _decide_dynamic(self, graph: SubGraph, g: Group, values: dict, args: tuple) -> None:
+        fused_fn, reference_fn = self._callables(graph, g, values, args)
+        device = graph.meta[g.inputs[0]].device if g.inputs else "cpu"
+        try:
+            fused_out = fused_fn()
+            if self.config.debug_mode:
+                self._validate(g, fused_out, reference_fn())
+        except Exception as e:
+            if not self.config.fallback_on_error:
+                raise
+            log.warning("%s group falls back: %s", g.name, e)
+            g.decision = Decision(False, f"kernel failed, unfused ops run instead: {e}")
+            g.record.decision, g.record.reason = False, g.decision.reason
+            return
+        if g.kind == "pattern":
+            try:
+                g.record.bytes_moved = int(g.pattern.bytes_moved(*[values[n] for n in g.inputs], **{
+                    k: v for k, v in g.params.items() if not isinstance(v, ScalarArg)}))
+            except Exception as e:
+                log.debug("pattern %s: bytes_moved failed: %s", g.name, e)
+        if self.config.profile:
+            key = cache_key("decision", g.name, g.compiled.key if g.compiled else g.name,
+                            [(list(graph.meta[n].shape), str(graph.meta[n].dtype)) for n in g.inputs],
+                            device_name(device))
+            g.decision = self.heuristics.profile_and_decide(key, fused_fn, reference_fn, device)
+            g.record.t_fused, g.record.t_fallback = g.decision.t_fused, g.decision.t_fallback
+        g.record.decision, g.record.reason = g.decision.fuse, g.decision.reason
+
+    def _validate(self, g: Group, fused: tuple, reference: tuple) -> None:
+        if len(fused) != len(reference):
+            raise ValueError(f"kernel returned {len(fused)} outputs, reference {len(reference)}")
+        for name, a, b in zip(g.outputs, fused, reference):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise ValueError(f"output {name}: kernel gives {tuple(a.shape)} {a.dtype}, "
+                                 f"reference {tuple(b.shape)} {b.dtype}")
+            if a.dtype.is_floating_point:
+                rtol, atol = self.config.tolerances.get(str(a.dtype).removeprefix("torch."), (1e-4, 1e-5))
+                torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"output {name}: {m}")
+            elif not torch.equal(a, b):
+                raise ValueError(f"output {name}: {(a != b).sum().item()} elements differ from the reference")
+
+    # -- program -------------------------------------------------------------------------------
+    def _build(self, graph: SubGraph, groups: list[Group], deps: list[set[int]]) -> Program:
+        fused = [g for g in groups if g.fused]
+        owner: dict[int, int] = {}
+        for k, g in enumerate(fused):
+            for i in g.nodes:
+                owner[i] = k
+        step_of = [("g", owner[i]) if i in owner else ("n", i) for i in range(len(graph.nodes))]
+        step_deps: dict[tuple, set[tuple]] = {}
+        first: dict[tuple, int] = {}
+        for i, s in enumerate(step_of):
+            first.setdefault(s, i)
+            step_deps.setdefault(s, set()).update(step_of[p] for p in deps[i] if step_of[p] != s)
+        indeg = {s: len(d) for s, d in step_deps.items()}
+        users: dict[tuple, list[tuple]] = {s: [] for s in step_deps}
+        for s, d in step_deps.items():
+            for p in d:
+                users[p].append(s)
+        ready = [(first[s], s) for s, n in indeg.items() if n == 0]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            _, s = heapq.heappop(ready)
+            order.append(s)
+            for u in users[s]:
+                indeg[u] -= 1
+                if indeg[u] == 0:
+                    heapq.heappush(ready, (first[u], u))
+        if len(order) != len(step_deps):
+            raise RuntimeError("fusion created a cycle in the schedule")
+
+        src = _Source()
+        src.globals.update(graph.constants)
+        hoisted = self._hoist_constant_views(graph, src, order)
+        lines: list[tuple[str, list[str], list[str]]] = []  # (code, reads, writes)
+        for kind, k in order:
+            if kind == "n":
+                if k in hoisted:
+                    continue
+                node = graph.nodes[k]
+                fn = src.const(node.target, "op")
+                call = f"{fn}({', '.join([*(src.expr(a) for a in node.args), *(f'{n}={src.expr(v)}' for n, v in node.kwargs.items())])})"
+                outs = [n or "_" for n in node.out_leaves]
+                lhs = outs[0] if len(outs) == 1 else (", ".join(outs) + ("," if len(outs) == 1 else ""))
+                lines.append((f"{lhs} = {call}" if outs else call, list(node.inputs), list(node.outputs)))
+            else:
+                g = fused[k]
+                reads = list(g.inputs)
+                if g.kind == "generic":
+                    fn = src.const(g.compiled.fn, "fused")
+                    call = f"{fn}({', '.join([*g.inputs, *(f'arg{i}' for i in g.scalar_args)])})"
+                else:
+                    fn = src.const(_returning_tuple(g.pattern.kernel), "pattern")
+                    kw = [f"{n}={src.expr(v)}" for n, v in g.params.items()]
+                    call = f"{fn}({', '.join([*g.inputs, *kw])})"
+                lines.append((f"{', '.join(g.outputs)}, = {call}", reads, list(g.outputs)))
+        keep = set(graph.inputs) | set(src.globals) | set(graph.outputs)
+        last_use: dict[str, int] = {}
+        for j, (_, reads, writes) in enumerate(lines):
+            for n in (*reads, *writes):
+                last_use[n] = j
+        body = []
+        for j, (code, _, _) in enumerate(lines):
+            body.append(code)
+            dead = sorted(n for n, lj in last_use.items() if lj == j and n not in keep)
+            if dead:
+                body.append(f"del {', '.join(dead)}")
+        leaves = [src.expr(x) if isinstance(x, Ref) else src.expr(x) for x in graph.output_leaves]
+        if graph.output_spec.is_leaf():
+            ret = leaves[0]
+        else:
+            src.globals["_unflatten"], src.globals["_spec"] = tree_unflatten, graph.output_spec
+            ret = f"_unflatten([{', '.join(leaves)}], _spec)"
+        params = ", ".join(f"arg{i}" for i in range(graph.num_args))
+        text = "\n".join([f"def program({params}):", *("    " + b for b in body), f"    return {ret}"]) + "\n"
+        env = dict(src.globals)
+        exec(compile(text, f"<difuse program {graph.structural_hash()[:12]}>", "exec"), env)
+        return Program(graph, groups, text, env["program"], self._report)
+
+    @staticmethod
+    def _hoist_constant_views(graph: SubGraph, src: _Source, order) -> set[int]:
+        """Views of constants (weight.t(), cache slices) are computed once at build time: a view
+        aliases its base, so later in-place writes stay visible through it."""
+        hoisted: set[int] = set()
+        constant_values = set(graph.constants)
+        for kind, k in order:
+            if kind != "n":
+                continue
+            node = graph.nodes[k]
+            returns = node.target._schema.returns
+            is_view = (len(returns) == 1 and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+                       and not node.mutates)
+            if is_view and node.inputs and all(n in constant_values for n in node.inputs) and not node.scalar_args():
+                env = {n: src.globals[n] for n in node.inputs}
+                value = node.target(*_resolve(node.args, env, ()), **_resolve(node.kwargs, env, ()))
+                src.globals[node.outputs[0]] = value
+                constant_values.add(node.outputs[0])
+                hoisted.add(k)
+        return hoisted
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def dispatch(self, graph: SubGraph, *args):
+        """Run `graph`'s program on `args` (the recorded function's positional args), compiling on
+        first use. A new value of a specialised scalar, or tensors of other shapes / dtypes /
+        strides, re-record the function (and that variant is compiled once)."""
+        if len(args) != graph.num_args:
+            raise TypeError(f"the recorded function takes {graph.num_args} positional args, got {len(args)}")
+        variant = self._variant_key(graph, args)
+        if variant is not None:
+            key = (id(graph), variant)
+            if key not in self._variants:
+                if graph.source is None:
+                    raise ValueError("arguments differ from the recording (" + self._mismatch(graph, args) +
+                                     ") and the graph has no source function to re-record")
+                from .record import record_with_output
+
+                new, out = record_with_output(graph.source, *args, **graph.source_kwargs)
+                self._variants[key] = new
+                self._programs[(id(new),)] = self.compile(new)
+                return out
+            graph = self._variants[key]
+        program = self._programs.get((id(graph),))
+        if program is None:
+            self._first_output = None
+            program = self.compile(graph, *args)
+            self._programs[(id(graph),)] = program
+            if self._first_output is not None:  # the reference replay already ran this call
+                out, self._first_output = self._first_output, None
+                return out
+        return program(*args)
+
+    @staticmethod
+    def _variant_key(graph: SubGraph, args: tuple):
+        for pos, value in graph.specialized.items():
+            if not (args[pos] is value or (type(args[pos]) is type(value) and args[pos] == value)):
+                return ("spec", tuple((p, repr(args[p])) for p in sorted(graph.specialized)),
+                        _tensor_signature(graph, args))
+        for name, pos in graph.inputs.items():
+            m, t = graph.meta[name], args[pos]
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != m.shape or t.dtype != m.dtype \
+                    or tuple(t.stride()) != m.stride:
+                return ("spec", tuple((p, repr(args[p])) for p in sorted(graph.specialized)),
+                        _tensor_signature(graph, args))
+        return None
+
+    @staticmethod
+    def _mismatch(graph: SubGraph, args: tuple) -> str:
+        for pos, value in graph.specialized.items():
+            if args[pos] != value:
+                return f"arg {pos} is {args[pos]!r}, recorded with {value!r}"
+        for name, pos in graph.inputs.items():
+            m, t = graph.meta[name], args[pos]
+            return f"arg {pos}: {tuple(getattr(t, 'shape', ()))} vs recorded {m.shape}"
+        return "unknown"
+
+    def report(self) -> FusionReport:
+        return self._report
+
+
+def _tensor_signature(graph: SubGraph, args: tuple) -> tuple:
+    return tuple((pos, tuple(a.shape), str(a.dtype), tuple(a.stride())) if isinstance(a, torch.Tensor)
+                 else (pos, type(a).__name__) for pos, a in enumerate(args))
+
+
+def _as_tuple(result) -> tuple:
+    return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+
+
+def _returning_tuple(fn: Callable) -> Callable:
+    def call(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+
+    return call
