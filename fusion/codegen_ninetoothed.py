@@ -28,12 +28,11 @@ def _params(kernel: RowKernel) -> tuple[list[str], list[str], list[str]]:
     return ins, outs, scalars
 
 
-def generate(kernel: RowKernel, name: str, looped: bool, block: int | None = None) -> str:
-    """Module source defining `arrangement`, `application` and `tensors` (the `make` triple)."""
-    if block is None:
-        block = codegen_triton.block_plan(kernel.n_cols)[1]
+def generate(kernel: RowKernel, block: int) -> str:
+    """Module source defining `arrangement`, `application` and `tensors` (the `make` triple). The
+    columns are always walked in BLOCK tiles; a row that fits one tile loops once."""
     k = kernel
-    em = _Emitter(kernel, looped)
+    em = _Emitter(kernel, looped=True)
     ins, outs, scalars = _params(kernel)
     full_params = [p for p, inp in zip(ins, k.inputs) if inp.context == FULL]
     full_params += [p for p, o in zip(outs, k.outputs) if o.domain == FULL]
@@ -90,12 +89,8 @@ def generate(kernel: RowKernel, name: str, looped: bool, block: int | None = Non
                         f"    {p}.dtype = {p}.dtype.squeeze(tuple(range({nlead + 1})))"]
     arrange.append(f"    return {', '.join(ins + outs + scalars)}")
 
-    tensors = []
-    for inp in k.inputs:
-        tensors.append(f"Tensor({nlead + 1}, other=0)")
-    tensors += [f"Tensor({nlead + 1})" for _ in k.outputs]
-    for slot in k.scalar_args:
-        tensors.append("Tensor(0)")
+    tensors = [f"Tensor({nlead + 1}, other=0)"] * len(k.inputs) + [f"Tensor({nlead + 1})"] * len(k.outputs)
+    tensors += ["Tensor(0)"] * len(k.scalar_args)
     src = ["import ninetoothed", "import ninetoothed.language as ntl", "from ninetoothed import Tensor", "", ""]
     src += arrange + ["", ""]
     src += [f"def application({', '.join(ins + outs + scalars)}):"] + ["    " + ln for ln in body]

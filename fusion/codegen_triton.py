@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .lowering import FULL, ROW, ROWN, Expr, Operand, RowKernel
+from .lowering import FULL, ROWN, Expr, Operand, RowKernel
 
 TL_DTYPE = {
     torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32",
@@ -257,8 +257,6 @@ def generate(kernel: RowKernel, name: str, looped: bool) -> str:
     full_need: set[str] = set()
     for o in full_out:
         full_need |= k.ancestors(o.var)
-    by_out = {e.out: e for e in k.exprs}
-
     def stores(outs, full: bool) -> list[str]:
         lines = []
         for o in outs:
@@ -315,7 +313,6 @@ def generate(kernel: RowKernel, name: str, looped: bool) -> str:
             inner += stores(full_out, True)
             body += ["    " + ln for ln in inner]
         body += stores(row_out, False)
-    del by_out
     src = ["import triton", "import triton.language as tl", "", "", "@triton.jit",
            f"def {name}({', '.join(params)}):"]
     src += ["    " + ln for ln in body]

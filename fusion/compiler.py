@@ -113,7 +113,7 @@ class KernelCompiler:
         if self.config.backend == "ninetoothed":
             from . import codegen_ninetoothed
 
-            return codegen_ninetoothed.generate(kernel, "fused_kernel", looped, block)
+            return codegen_ninetoothed.generate(kernel, block)
         return codegen_triton.generate(kernel, "fused_kernel", looped)
 
     def _launcher(self, kernel: RowKernel, module, block: int, warps: int, device: str, graph: SubGraph):

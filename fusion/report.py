@@ -43,6 +43,7 @@ class GroupRecord:
     hash: str = ""
     decision: bool = False
     reason: str = ""
+    decided_by: str = "static"  # "static", "profiled", or a remembered profile: "memory" / "disk"
     compile_seconds: float = 0.0
     cache_hit: str | None = None  # "memory", "disk" or None (generated)
     t_fused: float | None = None

@@ -269,7 +269,8 @@ class FusionScheduler:
     def _decide_static(self, graph: SubGraph, g: Group) -> None:
         g.decision = self.heuristics.static_rules(graph, list(g.nodes), generic=g.kind == "generic")
         g.record = self._report.add(GroupRecord(name=g.name, kind=g.kind, nodes=len(g.nodes),
-                                                ops=[graph.nodes[i].op for i in g.nodes]))
+                                                ops=[graph.nodes[i].op for i in g.nodes],
+                                                decision=g.decision.fuse, reason=g.decision.reason))
         if not g.fused:
             return
         if g.kind == "generic":
@@ -280,6 +281,7 @@ class FusionScheduler:
                     raise
                 log.warning("generic group of %d nodes falls back: %s", len(g.nodes), e)
                 g.decision = Decision(False, f"compile failed, unfused ops run instead: {e}")
+                g.record.decision, g.record.reason = False, g.decision.reason
                 return
             g.inputs, g.outputs, g.scalar_args = g.compiled.inputs, g.compiled.outputs, g.compiled.scalar_args
             g.record.compile_seconds = g.compiled.compile_seconds
@@ -332,7 +334,7 @@ class FusionScheduler:
     def _callables(self, graph: SubGraph, g: Group, values: dict, args: tuple):
         """(fused, reference) zero-argument callables on the example values; inputs the group
         writes in place are cloned per call."""
-        scalars = {i: (args[i] if args else graph.specialized.get(i, 1.0)) for i in g.scalar_args}
+        scalars = {i: (args[i] if args else graph.scalars.get(i, float)(1)) for i in g.scalar_args}
         written = {n for i in g.nodes for n in graph.nodes[i].mutates}
 
         def inputs():
@@ -344,7 +346,7 @@ class FusionScheduler:
                     lambda: _as_tuple(g.pattern.reference(*inputs(), **params)))
         sub = graph.subgraph(g.nodes)
         scalar_values = [scalars[i] for i in g.scalar_args]
-        full_args = list(args) if args else [graph.specialized.get(i, 1.0) for i in range(graph.num_args)]
+        full_args = list(args) if args else [graph.specialized.get(i) for i in range(graph.num_args)]
         for i, v in scalars.items():
             full_args[i] = v
 
@@ -386,6 +388,7 @@ class FusionScheduler:
             g.decision = self.heuristics.profile_and_decide(key, fused_fn, reference_fn, device)
             g.record.t_fused, g.record.t_fallback = g.decision.t_fused, g.decision.t_fallback
         g.record.decision, g.record.reason = g.decision.fuse, g.decision.reason
+        g.record.decided_by = g.decision.source
 
     def _validate(self, g: Group, fused: tuple, reference: tuple) -> None:
         if len(fused) != len(reference):
@@ -530,6 +533,12 @@ class FusionScheduler:
                 out, self._first_output = self._first_output, None
                 return out
         return program(*args)
+
+    def program(self, graph: SubGraph) -> Program:
+        """The Program dispatch runs for `graph` (compiled now, on random inputs, if it was not yet)."""
+        if (id(graph),) not in self._programs:
+            self._programs[(id(graph),)] = self.compile(graph)
+        return self._programs[(id(graph),)]
 
     @staticmethod
     def _variant_key(graph: SubGraph, args: tuple):
