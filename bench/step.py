@@ -41,7 +41,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from torch._dynamo.utils import counters
+
+import difuse.fusion  # noqa: F401 - before anything imports Triton: CPU-only hosts need its interpreter switch
+from torch._dynamo.utils import counters  # noqa: E402 - imports Triton
 
 from bench.ceilings import measure_ceilings, summary, synchronize, time_calls
 from bench.step_model import (SPECS, TINY_OF, RoutedExperts, StepGeometry, build_random_model, kv_cache_bytes,
@@ -54,6 +56,9 @@ from difuse.runtime.kv_cache import StaticKVCache
 from difuse.runtime.step import make_denoise_step
 
 CONFIGS = ("eager", "graph", "fused_graph", "compile")
+# compile before the graph captures: a capture that fails (MoE's host-synchronising expert loop)
+# is the likeliest to leave the device in a bad state, so it goes after what it could spoil
+RUN_ORDER = ("eager", "compile", "graph", "fused_graph")
 LABELS = {"eager": "eager runtime step (no fusion, no graph)", "graph": "difuse unfused + CUDA graph",
           "fused_graph": "difuse fused + CUDA graph", "compile": 'torch.compile(mode="reduce-overhead")'}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -131,16 +136,28 @@ class StepState:
         self.reset_block()
 
 
-def _fusion_report(scheduler) -> dict:
-    report = scheduler.report()
-    saved: dict = {}
-    for method in ("to_dict", "to_json"):
-        if hasattr(report, method):
-            value = getattr(report, method)()
-            saved["report"] = json.loads(value) if isinstance(value, str) else value
-            break
-    saved["table"] = report.table() if hasattr(report, "table") else str(report)
-    return saved
+def fusion_summary(report: dict) -> list[dict]:
+    """Per pattern / generic group kind: groups, how many fused, and the profiled fused vs fallback
+    time summed over the groups the profile rule timed (microseconds per call of each group)."""
+    by_name: dict[str, dict] = {}
+    for group in report["groups"]:
+        entry = by_name.setdefault(group["name"], {"name": group["name"], "groups": 0, "fused": 0, "timed": 0,
+                                                   "fused_us": 0.0, "fallback_us": 0.0})
+        entry["groups"] += 1
+        entry["fused"] += bool(group["decision"])
+        if group["t_fused"] and group["t_fallback"]:
+            entry["timed"] += 1
+            entry["fused_us"] += group["t_fused"] * 1e6
+            entry["fallback_us"] += group["t_fallback"] * 1e6
+    return sorted(by_name.values(), key=lambda e: -e["fallback_us"])
+
+
+def fusion_table(summary_rows: list[dict]) -> str:
+    lines = [f"{'group':<22} {'groups':>6} {'fused':>5} {'timed':>5} {'fused us':>10} {'fallback us':>11}"]
+    for e in summary_rows:
+        lines.append(f"{e['name']:<22} {e['groups']:>6} {e['fused']:>5} {e['timed']:>5} "
+                     f"{e['fused_us']:>10.1f} {e['fallback_us']:>11.1f}")
+    return "\n".join(lines)
 
 
 class Configuration:
@@ -148,6 +165,7 @@ class Configuration:
 
     def __init__(self, name: str, state: StepState, device: torch.device):
         self.name, self.state, self.device = name, state, device
+        self.label = LABELS[name]
         self.notes: list[str] = []
         self.compile_s: float | None = None
         self._skips_before: int | None = None  # inductor's cudagraph-skip counter before compiling
@@ -167,7 +185,7 @@ class Configuration:
 
             self.scheduler = FusionScheduler(FusionConfig(profile=True))
             if not on_cuda:
-                self.notes.append("fused without a CUDA graph (CPU run)")
+                self.label = "difuse fused (no CUDA graph on a CPU)"
         self.runner = StepRunner(f"bench-{self.name}", self.state.step_function(), self.state.args,
                                  self.scheduler, use_cuda_graph=on_cuda)
         return self.runner
@@ -235,14 +253,15 @@ def skip_reason(name: str, device: torch.device) -> str | None:
     return None
 
 
-def run_configuration(name: str, state: StepState, settings, accounting: dict, ceilings: dict) -> tuple[dict, dict | None]:
+def run_configuration(name: str, state: StepState, settings, accounting: dict, ceilings: dict):
+    """(result row, the FusionReport of the fused configuration or None)."""
     row = {"config": name, "label": LABELS[name], "batch": state.batch, "status": "ok", "error": "",
            "graph": "", "compile_s": None, "notes": ""}
     device, report = state.device, None
     reason = skip_reason(name, device)
     if reason is not None:
         return {**row, "status": "skipped", "error": reason}, None
-    config = Configuration(name, state, device)
+    config, call = Configuration(name, state, device), None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     begin = time.perf_counter()
@@ -253,7 +272,7 @@ def run_configuration(name: str, state: StepState, settings, accounting: dict, c
         row.update(summary(times))
         row.update(throughput(row["median_ms"], state, settings, accounting, ceilings))
         if config.scheduler is not None:
-            report = _fusion_report(config.scheduler)
+            report = config.scheduler.report()
     except torch.cuda.OutOfMemoryError as error:
         row.update(status="oom", error=_first_line(error))
     except Exception as error:  # noqa: BLE001 - one failing configuration must not end the run
@@ -263,9 +282,11 @@ def run_configuration(name: str, state: StepState, settings, accounting: dict, c
         row["graph"] = config.graph_status()
         row["compile_s"] = config.compile_s
         row["notes"] = "; ".join(config.notes)
+        row["label"] = config.label
         row["wall_s"] = time.perf_counter() - begin
         if device.type == "cuda":
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        call = None  # holds the runner (its CUDA graph and pool) or the compiled function
         config.release()
         release_memory(device)
     return row, report
@@ -307,8 +328,8 @@ def routed_union(model, state: StepState) -> list[int] | None:
     return list(routed.union)
 
 
-def run_batch(model, spec, batch: int, settings, ceilings: dict) -> tuple[list[dict], dict, dict]:
-    """All configurations at one batch size; (rows, accounting, fusion report)."""
+def run_batch(model, spec, batch: int, settings, ceilings: dict, budget: "Budget"):
+    """All configurations at one batch size: (rows, accounting, FusionReport or None)."""
     device, dtype = settings.device, settings.dtype
     length = settings.prompt + settings.gen
     if device.type == "cuda":
@@ -316,24 +337,55 @@ def run_batch(model, spec, batch: int, settings, ceilings: dict) -> tuple[list[d
         cache_bytes = kv_cache_bytes(model, batch, length, dtype)
         if cache_bytes > 0.9 * free:
             reason = f"does not fit: the KV cache needs {cache_bytes / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
-            return [_skipped(name, batch, reason) for name in settings.configs], {}, {}
+            return [_skipped(name, batch, reason) for name in settings.configs], {}, None
+    state, failure = None, None
     try:
         state = StepState(model, batch, settings.prompt, settings.gen, settings.block, spec.block_causal, device, dtype)
         accounting = step_accounting(model, state.geometry, routed_union(model, state))
     except torch.cuda.OutOfMemoryError as error:
+        failure = ("oom", f"out of memory building the batch (cache fill): {_first_line(error)}")
+    except Exception as error:  # noqa: BLE001 - the other batch sizes still run
+        failure = ("error", f"building the batch failed: {type(error).__name__}: {_first_line(error)}")
+        traceback.print_exc()
+    if failure is not None:
+        state = None
         release_memory(device)
-        reason = f"out of memory building the batch (cache fill): {_first_line(error)}"
-        return [{**_skipped(name, batch, reason), "status": "oom"} for name in settings.configs], {}, {}
-    rows, report = [], {}
+        return [{**_skipped(name, batch, failure[1]), "status": failure[0]} for name in settings.configs], {}, None
+    rows, report = [], None
     for name in settings.configs:
-        row, fusion = run_configuration(name, state, settings, accounting, ceilings)
+        reason = budget.refuse(name)
+        if reason is not None:
+            row, fusion = _skipped(name, batch, reason), None
+        else:
+            row, fusion = run_configuration(name, state, settings, accounting, ceilings)
+            budget.ran(row)
         rows.append(row)
-        if fusion is not None:
-            report = fusion
+        report = fusion if fusion is not None else report
         log(_progress(row))
-    del state
+    state = None
     release_memory(device)
     return rows, accounting, report
+
+
+class Budget:
+    """Keeps the whole run under `seconds`: once it is spent, configurations are skipped (and
+    recorded as such); a compile is skipped when the last one would not fit in what is left."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.begin, self.last_compile_s = seconds, time.perf_counter(), 0.0
+
+    def refuse(self, name: str) -> str | None:
+        elapsed = time.perf_counter() - self.begin
+        if elapsed > self.seconds:
+            return f"time budget spent ({elapsed:.0f} s of --budget-s {self.seconds:.0f})"
+        if name == "compile" and elapsed + self.last_compile_s > self.seconds:
+            return (f"time budget: the last compile took {self.last_compile_s:.0f} s, "
+                    f"{self.seconds - elapsed:.0f} s of --budget-s {self.seconds:.0f} left")
+        return None
+
+    def ran(self, row: dict) -> None:
+        if row.get("compile_s"):
+            self.last_compile_s = row["compile_s"]
 
 
 def _skipped(name: str, batch: int, reason: str) -> dict:
@@ -367,7 +419,7 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-CSV_FIELDS = ["model", "device", "batch", "config", "status", "median_ms", "p10_ms", "p90_ms", "samples",
+CSV_FIELDS = ["model", "device", "batch", "config", "label", "status", "median_ms", "p10_ms", "p90_ms", "samples",
               "steps_per_s", "tokens_per_step", "tokens_per_s", "block_tokens_per_s", "weight_bytes", "kv_bytes",
               "weight_floor_ms", "memory_floor_ms", "x_weight_floor", "x_memory_floor", "flops", "achieved_tflops",
               "matmul_fraction", "routed_experts_per_layer", "graph", "compile_s", "peak_memory_gb", "wall_s",
@@ -375,18 +427,24 @@ CSV_FIELDS = ["model", "device", "batch", "config", "status", "median_ms", "p10_
 
 
 def write_outputs(out: Path, stem: str, meta: dict, rows: list[dict], reports: dict) -> list[Path]:
+    """CSV and JSON of every row, the plot, and per batch size the fusion report (table and PNG)."""
     out.mkdir(parents=True, exist_ok=True)
     csv_path, json_path, png_path = out / f"{stem}.csv", out / f"{stem}.json", out / f"{stem}.png"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    json_path.write_text(json.dumps({**meta, "rows": rows, "fusion_reports": reports}, indent=1, default=str))
+    fusion = {batch: {"summary": fusion_summary(report.to_dict()), "report": report.to_dict()}
+              for batch, report in reports.items()}
+    json_path.write_text(json.dumps({**meta, "rows": rows, "fusion_reports": fusion}, indent=1, default=str))
     paths = [csv_path, json_path]
     for batch, report in reports.items():
-        table = out / f"{stem}-fusion-b{batch}.txt"
-        table.write_text(report["table"] + "\n")
-        paths.append(table)
+        table_path = out / f"{stem}-fusion-b{batch}.txt"
+        table_path.write_text(f"{report}\n")
+        paths.append(table_path)
+        if any(g.t_fused and g.t_fallback for g in report.groups):
+            report.save_png(out / f"{stem}-fusion-b{batch}.png")
+            paths.append(out / f"{stem}-fusion-b{batch}.png")
     if plot(png_path, meta, rows):
         paths.append(png_path)
     return paths
@@ -403,9 +461,9 @@ def plot(path: Path, meta: dict, rows: list[dict]) -> bool:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in CONFIGS:
-        points = sorted((r["batch"], r["median_ms"]) for r in ok if r["config"] == name)
-        if points:
-            ax.plot(*zip(*points), marker="o", label=LABELS[name])
+        mine = [r for r in ok if r["config"] == name]
+        if mine:
+            ax.plot(*zip(*sorted((r["batch"], r["median_ms"]) for r in mine)), marker="o", label=mine[0]["label"])
     floors = sorted({(r["batch"], r["weight_floor_ms"], r["memory_floor_ms"]) for r in ok})
     batches = [f[0] for f in floors]
     ax.plot(batches, [f[1] for f in floors], "k--", label="weight-streaming floor")
@@ -446,7 +504,10 @@ def parse_args(argv=None):
     parser.add_argument("--model", choices=sorted(SPECS), default="llada-8b")
     parser.add_argument("--batch", default=None, help="comma-separated batch sizes (default 1,4,16,64; quick 1,2)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few iterations (CPU smoke run)")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
+    parser.add_argument("--configs", default=",".join(RUN_ORDER),
+                        help=f"which configurations, run in this order (default: {','.join(RUN_ORDER)})")
+    parser.add_argument("--budget-s", type=float, default=450.0,
+                        help="wall-time budget of the whole run: configurations that would exceed it are skipped")
     parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 512; quick 16)")
     parser.add_argument("--gen", type=int, default=None, help="generated tokens (default 256; quick 16)")
     parser.add_argument("--block", type=int, default=None, help="block length (default 32; quick 8)")
@@ -467,9 +528,12 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     try:
-        args.batches = sorted({int(b) for b in args.batch.split(",")}, reverse=True)  # largest first: cleanest memory
+        batches = sorted({int(b) for b in args.batch.split(",")})
     except ValueError:
         parser.error(f"--batch must be comma-separated integers, got {args.batch!r}")
+    # the largest batch first, while memory is cleanest; then the smallest (the weight-bound
+    # headline) and upwards, so a time budget running short costs the middle sizes' compiles
+    args.batches = batches[-1:] + batches[:-1]
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown or not args.configs:
@@ -483,10 +547,18 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     settings = parse_args(argv)
+    threads = torch.get_num_threads()
+    if settings.device.type == "cpu":
+        torch.set_num_threads(1)  # tiny shapes gain nothing from threads, and lose to contention on a busy host
+    try:
+        return run(settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(settings) -> int:
     device, spec = settings.device, settings.spec
     torch.manual_seed(0)
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # tiny shapes gain nothing from threads, and lose to contention on a busy host
     env = environment(device)
     log(f"{spec.name} on {env['device']}: batches {settings.batches}, configurations {settings.configs}")
     for name in settings.configs:
@@ -494,6 +566,7 @@ def main(argv=None) -> int:
         if reason:
             log(f"skipping {name} ({LABELS[name]}): {reason}")
     rows, accountings, reports = [], {}, {}
+    budget = Budget(settings.budget_s)
     with torch.inference_mode():
         ceilings = measure_ceilings(device, settings.dtype, quick=settings.quick or device.type != "cuda")
         log(f"ceilings: copy {ceilings['copy_bandwidth_Bps'] / 1e12:.3f} TB/s (read + write), "
@@ -505,7 +578,7 @@ def main(argv=None) -> int:
         log(f"built {spec.name} with random weights in {build_s:.1f} s: "
             f"{sum(p.numel() for p in model.parameters()) / 1e9:.3f} B parameters")
         for batch in settings.batches:
-            batch_rows, accounting, report = run_batch(model, spec, batch, settings, ceilings)
+            batch_rows, accounting, report = run_batch(model, spec, batch, settings, ceilings, budget)
             for row in batch_rows:
                 row.update(model=spec.name, device=env["device"], tokens_per_step=settings.tokens_per_step)
                 if accounting:
@@ -516,18 +589,20 @@ def main(argv=None) -> int:
                                / ceilings["copy_bandwidth_Bps"] * 1e3)
             rows += batch_rows
             accountings[batch] = accounting
-            if report:
+            if report is not None:
                 reports[batch] = report
     meta = {"model": spec.name, "shapes": repr(spec.config), "block_causal": spec.block_causal,
             "prompt": settings.prompt, "gen": settings.gen, "block": settings.block,
             "cache": "dual (filled once by a refresh forward)", "decoder": "threshold 0.9",
             "dtype": str(settings.dtype).removeprefix("torch."), "tokens_per_step": settings.tokens_per_step,
-            "iters": settings.iters, "warmup": settings.warmup, "environment": env, "ceilings": ceilings,
+            "iters": settings.iters, "warmup": settings.warmup, "budget_s": settings.budget_s,
+            "run_order": settings.configs, "environment": env, "ceilings": ceilings,
             "model_build_s": build_s, "accounting": accountings, "configurations": {c: LABELS[c] for c in CONFIGS}}
     stem = f"step-{spec.name.replace('(tiny)', '-tiny')}-{device_slug(device)}"
     paths = write_outputs(settings.out, stem, meta, rows, reports)
-    for batch, report in sorted(reports.items())[:1]:
-        print(f"\nfusion report (fused_graph, batch {batch}):\n{report['table']}")
+    for batch, report in sorted(reports.items()):
+        print(f"\nfusion report of fused_graph at batch {batch}, by group kind (full table in the -fusion files):")
+        print(fusion_table(fusion_summary(report.to_dict())))
     _print_summary(meta, rows, accountings, ceilings, paths)
     return 0 if any(r["status"] == "ok" for r in rows) else 1
 
