@@ -8,7 +8,9 @@ draws) with a perturbed value and compares the two graphs:
   literals become ScalarArg(i) and the scalar is a runtime argument (changing it never recompiles);
 - anything else differs (structure, shapes, a literal derived from the scalar such as 1/T): the
   scalar is specialised, its value is part of the graph's key, and dispatch re-records for a new one.
-Tensor keyword arguments are held as constants and scalar keyword arguments are baked in.
+All scalars are perturbed together first, so recording costs one eager and two fake runs unless
+that is inconclusive. Tensor keyword arguments are held as constants and scalar keyword arguments
+are baked in.
 """
 from __future__ import annotations
 
@@ -102,6 +104,9 @@ class _Recorder(TorchDispatchMode):
                 attrs[a.name] = value
 
         out = func(*args, **kwargs)
+        if isinstance(out, (bool, int, float)):  # e.g. aten.equal, aten.is_nonzero
+            raise RecordingError(f"{func} returns a Python {type(out).__name__} computed from device data: a "
+                                 "recorded step must keep its decisions on the device (use torch.where / masks)")
 
         leaves = tree_flatten(out)[0]
         out_leaves = []
@@ -184,23 +189,25 @@ def _same_structure(a: SubGraph, b: SubGraph) -> bool:
     return True
 
 
-def _tracked_positions(base: SubGraph, other: SubGraph, value, perturbed) -> list[tuple[int, int]] | None:
-    """(node, leaf) positions whose literal equals the scalar in both recordings; None when the
-    scalar changes anything else."""
+def _tracked_positions(base: SubGraph, other: SubGraph, trials: dict[int, tuple]) -> dict[int, list] | None:
+    """For scalars perturbed together (arg position -> (value, perturbed value)): the (node, leaf)
+    positions whose literal equals each scalar in both recordings; None when the recordings differ
+    in any other way, or a literal cannot be told apart between two scalars."""
     if not _same_structure(base, other):
         return None
-    positions = []
+    found: dict[int, list] = {pos: [] for pos in trials}
     for i, (xs, ys) in enumerate(zip(_literal_paths(base), _literal_paths(other))):
         if len(xs) != len(ys):
             return None
         for j, (x, y) in enumerate(zip(xs, ys)):
             if isinstance(x, Ref) or _equal(x, y):
                 continue
-            if type(x) is type(value) and type(y) is type(value) and _equal(x, value) and _equal(y, perturbed):
-                positions.append((i, j))
-            else:
+            owners = [pos for pos, (value, perturbed) in trials.items()
+                      if type(x) is type(value) and type(y) is type(value) and _equal(x, value) and _equal(y, perturbed)]
+            if len(owners) != 1:
                 return None
-    return positions
+            found[owners[0]].append((i, j))
+    return found
 
 
 def _equal(x, y) -> bool:
@@ -231,30 +238,48 @@ def _substitute(graph: SubGraph, positions: dict[tuple[int, int], ScalarArg]) ->
                 node.attrs[a.name] = node.args[k] if k < len(node.args) else node.kwargs.get(a.name, node.attrs[a.name])
 
 
+def _classify_scalars(graph: SubGraph, fn: Callable, args: tuple, kwargs: dict) -> dict[int, list] | None:
+    """pos -> literal positions for every runtime scalar; the others go into graph.specialized.
+    All scalars are perturbed together first (two fake recordings in all); only when that is
+    inconclusive is each one perturbed alone."""
+    candidates = [pos for pos, v in enumerate(args) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+    def attempt(positions: list[int]) -> dict[int, list] | None:
+        result: dict[int, list] | None = None
+        for family in range(2):
+            trials = {pos: (args[pos], _perturbations(args[pos])[family]) for pos in positions}
+            trial_args = list(args)
+            for pos, (_, perturbed) in trials.items():
+                trial_args[pos] = perturbed
+            try:
+                other, _ = _run(fn, tuple(trial_args), kwargs, fake=True)
+                found = _tracked_positions(graph, other, trials)
+            except Exception:  # e.g. a perturbed value out of range for an index
+                found = None
+            if found is None or (result is not None and found != result):
+                return None
+            result = found
+        return result
+
+    tracked = attempt(candidates) if len(candidates) > 1 else None
+    if tracked is None:
+        tracked = {}
+        for pos in candidates:
+            alone = attempt([pos])
+            if alone is None:
+                graph.specialized[pos] = args[pos]
+            else:
+                tracked.update(alone)
+    return tracked
+
+
 def record_with_output(fn: Callable, *args, **kwargs) -> tuple[SubGraph, Any]:
     """record(), also returning what the eager run returned."""
     graph, out = _run(fn, args, kwargs, fake=False)
     positions: dict[tuple[int, int], ScalarArg] = {}
-    for pos, value in enumerate(args):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        found: list | None = []
-        for perturbed in _perturbations(value):
-            trial = list(args)
-            trial[pos] = perturbed
-            try:
-                other, _ = _run(fn, tuple(trial), kwargs, fake=True)
-                tracked = _tracked_positions(graph, other, value, perturbed)
-            except Exception:  # e.g. the perturbed value is out of range for an index
-                tracked = None
-            if tracked is None or (found and tracked != found):
-                found = None
-                break
-            found = tracked
-        if found is None:
-            graph.specialized[pos] = value
-        elif found:
-            graph.scalars[pos] = type(value)
+    for pos, found in _classify_scalars(graph, fn, args, kwargs).items():
+        if found:  # a scalar that appears nowhere is neither runtime nor specialised
+            graph.scalars[pos] = type(args[pos])
             positions.update({p: ScalarArg(pos) for p in found})
     for pos, value in enumerate(args):  # None, bool, str, dtype, ...: baked in
         if isinstance(value, bool) or not isinstance(value, (torch.Tensor, int, float)):

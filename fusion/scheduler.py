@@ -443,7 +443,7 @@ class FusionScheduler:
                 if k in hoisted:
                     continue
                 node = graph.nodes[k]
-                fn = src.const(node.target, "op")
+                fn = src.const(getattr(node.target, "_op", node.target), "op")  # skips a Python frame
                 call = f"{fn}({', '.join([*(src.expr(a) for a in node.args), *(f'{n}={src.expr(v)}' for n, v in node.kwargs.items())])})"
                 outs = [n or "_" for n in node.out_leaves]
                 lhs = outs[0] if len(outs) == 1 else (", ".join(outs) + ("," if len(outs) == 1 else ""))
@@ -485,7 +485,8 @@ class FusionScheduler:
     @staticmethod
     def _hoist_constant_views(graph: SubGraph, src: _Source, order) -> set[int]:
         """Views of constants (weight.t(), cache slices) are computed once at build time: a view
-        aliases its base, so later in-place writes stay visible through it."""
+        aliases its base, so later in-place writes stay visible through it (rebinding a
+        parameter's storage with `.data = ...` after compiling is not)."""
         hoisted: set[int] = set()
         constant_values = set(graph.constants)
         for kind, k in order:

@@ -84,6 +84,8 @@ def test_host_sync_is_rejected_with_a_clear_error():
 
     with pytest.raises(RecordingError, match="on the device"):
         record(fn, torch.randn(3))
+    with pytest.raises(RecordingError, match="on the device"):
+        record(lambda x: x * 2 if torch.equal(x, x) else x, torch.randn(3))
 
 
 def test_nested_tensor_arguments_are_rejected():
