@@ -113,7 +113,7 @@ class LLaDA2Config:
 class SparseMoE(nn.Module):
     def __init__(self, c: LLaDA2Config):
         super().__init__()
-        self.c = c
+        self.config = c
         self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False)
         # The reference gate always holds (and saves) an expert bias, whatever
         # moe_router_enable_expert_bias says, so the checkpoint always carries one.
@@ -126,8 +126,8 @@ class SparseMoE(nn.Module):
         B, T, H = x.shape
         flat = x.reshape(B * T, H)
         logits = F.linear(flat.float(), self.gate.weight.float())  # router in fp32
-        weights, ids = sigmoid_group_topk_router(logits, self.expert_bias, self.c.num_experts_per_tok,
-                                                 self.c.n_group, self.c.topk_group, self.c.routed_scaling_factor)
+        weights, ids = sigmoid_group_topk_router(logits, self.expert_bias, self.config.num_experts_per_tok,
+                                                 self.config.n_group, self.config.topk_group, self.config.routed_scaling_factor)
         out = self.experts(flat, weights, ids)  # [N, H]
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)

@@ -4,6 +4,8 @@ Loading is strict and all-or-nothing: the model is built on the meta device, eve
 header is read and checked against the family's name map (every tensor used, every parameter
 filled, every shape right) before any weight is read, and only then are tensors read from the
 memory-mapped files, packed (QKV, gate-up, expert stacks), cast and moved to the device.
+With a ParallelConfig, the checked model is sharded (difuse.models.parallel) and each rank reads
+only its slices of the checkpoint tensors.
 """
 import json
 from contextlib import ExitStack
@@ -17,7 +19,8 @@ from safetensors import safe_open
 from difuse.models.llada import LLaDAConfig, LLaDAModel, checkpoint_map as llada_map
 from difuse.models.llada2 import LLaDA2Config, LLaDA2Model, checkpoint_map as llada2_map
 from difuse.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModel, checkpoint_map as llada_moe_map
-from difuse.models.packing import assemble, expected_shapes
+from difuse.models.packing import Shard, assemble, expected_shapes
+from difuse.models.parallel import ParallelConfig, shard_model
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -153,9 +156,11 @@ def _few(items: list[str], limit: int = 10) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.bfloat16):
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.bfloat16,
+               parallel: ParallelConfig | None = None):
     """Build the model described by `path`/config.json and fill it from its safetensors files,
-    with parameters in `dtype` (a torch dtype or its name, e.g. "bfloat16") on `device`."""
+    with parameters in `dtype` (a torch dtype or its name, e.g. "bfloat16") on `device`.
+    With `parallel`, this rank's shard of the model (every rank of the group must call this)."""
     dtype = _float_dtype(dtype)
     hf_config = read_config(path)
     family = family_of(hf_config)
@@ -169,12 +174,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     with torch.device("meta"):
         model = family.model_class(config)
     _check(sources, model, shapes, path)
+    shards = shard_model(model, parallel) if parallel is not None else {}
 
     state = {}
     with ExitStack() as stack:
         handles = {file: stack.enter_context(_open(file)) for file in set(files.values())}
+
+        def read(key: str, shard: Shard | None) -> torch.Tensor:
+            if shard is None:
+                return handles[files[key]].get_tensor(key)
+            tensor = handles[files[key]].get_slice(key)
+            lead = (slice(None),) * shard.dim
+            return torch.cat([tensor[(*lead, slice(start, stop))] for start, stop in shard.ranges], dim=shard.dim)
+
         for name, source in sources.items():
             target = torch.float32 if name.endswith(model.FP32_PARAMETERS) else dtype
-            state[name] = assemble(source, lambda key: handles[files[key]].get_tensor(key).to(target)).to(device)
+            state[name] = assemble(source, read, shards.get(name)).to(device=device, dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)

@@ -4,6 +4,9 @@ A Source is a checkpoint key (the tensor as is), a Cat (pieces concatenated alon
 q|k|v into one QKV weight, gate|up into one gate-up weight) or a Stack (pieces stacked along a
 new dim 0, e.g. per-expert weights into [E, ...]). Sources nest: expert gate-up weights are a
 Stack of Cats. Each family's `checkpoint_map` returns {parameter name: Source}.
+
+A Shard names the part of an assembled tensor one rank keeps (tensor / expert parallelism);
+`assemble` maps it through the Source so that only those slices of the checkpoint are read.
 """
 from dataclasses import dataclass
 from typing import Callable, Union
@@ -25,6 +28,13 @@ class Stack:
 Source = Union[str, Cat, Stack]
 
 
+@dataclass(frozen=True)
+class Shard:
+    """The slices [start, stop) of dim `dim` kept, in ascending order, concatenated along `dim`."""
+    dim: int
+    ranges: tuple[tuple[int, int], ...]
+
+
 def expected_shapes(source: Source, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
     """The checkpoint shape each key must have for `source` to assemble a tensor of `shape`."""
     if isinstance(source, str):
@@ -43,11 +53,27 @@ def expected_shapes(source: Source, shape: tuple[int, ...]) -> dict[str, tuple[i
     return out
 
 
-def assemble(source: Source, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+def assemble(source: Source, read: Callable[[str, Shard | None], torch.Tensor],
+             shard: Shard | None = None) -> torch.Tensor:
+    """The tensor `source` describes, or only its `shard`; read(key, shard) reads a checkpoint tensor
+    or the shard of it."""
     if isinstance(source, str):
-        return read(source)
-    parts = [assemble(part, read) for part in source.parts]
-    return torch.cat(parts) if isinstance(source, Cat) else torch.stack(parts)
+        return read(source, shard)
+    if isinstance(source, Cat):
+        if shard is None or shard.dim > 0:
+            return torch.cat([assemble(part, read, shard) for part in source.parts])
+        pieces, offset = [], 0
+        for part, size in zip(source.parts, source.sizes):
+            inside = tuple((max(start, offset) - offset, min(stop, offset + size) - offset)
+                           for start, stop in shard.ranges if start < offset + size and stop > offset)
+            if inside:
+                pieces.append(assemble(part, read, Shard(0, inside)))
+            offset += size
+        return torch.cat(pieces)
+    if shard is not None and shard.dim == 0:
+        return torch.stack([assemble(source.parts[i], read) for start, stop in shard.ranges for i in range(start, stop)])
+    inner = None if shard is None else Shard(shard.dim - 1, shard.ranges)
+    return torch.stack([assemble(part, read, inner) for part in source.parts])
 
 
 def swiglu_sources(ours: str, theirs: str, inner: int) -> dict[str, Source]:

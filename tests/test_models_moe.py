@@ -229,16 +229,20 @@ def test_sigmoid_group_router_groups_restrict_choice():
 
 
 def test_expert_dispatches_agree():
-    from difuse.models.moe import Experts
+    from difuse.models.moe import DISPATCHES, Experts
 
     experts = Experts(num_experts=6, hidden=24, inner=10)
     torch.nn.init.normal_(experts.w13, std=0.2)
     torch.nn.init.normal_(experts.w2, std=0.2)
     x = torch.randn(13, 24)
     weights, ids = softmax_topk_router(torch.randn(13, 6), top_k=2)
-    expected = torch.stack([sum(w * experts._expert(e, x[n]) for w, e in zip(weights[n], ids[n].tolist()))
-                            for n in range(13)])
-    for dispatch in Experts.DISPATCHES:
+
+    def expert(e, token):
+        return swiglu_mlp(token, {"gate_proj.weight": experts.w13[e, :10], "up_proj.weight": experts.w13[e, 10:],
+                                  "down_proj.weight": experts.w2[e]}, "")
+
+    expected = torch.stack([sum(w * expert(e, x[n]) for w, e in zip(weights[n], ids[n].tolist())) for n in range(13)])
+    for dispatch in ("auto", *DISPATCHES):
         experts.dispatch = dispatch
         torch.testing.assert_close(experts(x, weights, ids), expected, atol=1e-5, rtol=1e-5)
     experts.dispatch = "grouped"
@@ -308,20 +312,24 @@ def test_llada2_blockwise_prefix_cache_is_exact(llada2_checkpoint):
         torch.testing.assert_close(out, full[:, window], atol=1e-5, rtol=1e-5)
 
 
-def test_llada2_dense_dispatch_matches_sorted(llada2_checkpoint):
-    model = load_model(llada2_checkpoint, "cpu", torch.float32)
-    input_ids, positions = torch.randint(0, 320, (2, 8)), torch.arange(8)[None]
+@pytest.mark.gpu
+def test_llada2_dispatches_match_sorted(llada2_checkpoint, device):
+    model = load_model(llada2_checkpoint, device, torch.float32)
+    input_ids, positions = torch.randint(0, 320, (2, 8), device=device), torch.arange(8, device=device)[None]
+    set_moe_dispatch(model, "sorted")
     sorted_out = model(input_ids, positions)
-    set_moe_dispatch(model, "dense")
-    torch.testing.assert_close(model(input_ids, positions), sorted_out, atol=1e-5, rtol=1e-5)
+    for dispatch in ("dense", "fused"):
+        set_moe_dispatch(model, dispatch)
+        torch.testing.assert_close(model(input_ids, positions), sorted_out, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="unknown MoE dispatch"):
-        set_moe_dispatch(model, "fused")
+        set_moe_dispatch(model, "grouped")
 
 
 @pytest.mark.cuda
-def test_llada2_dense_dispatch_captures_in_cuda_graph(llada2_checkpoint):
+@pytest.mark.parametrize("dispatch", ["dense", "fused"])
+def test_llada2_sync_free_dispatch_captures_in_cuda_graph(llada2_checkpoint, dispatch):
     model = load_model(llada2_checkpoint, "cuda", torch.bfloat16)
-    set_moe_dispatch(model, "dense")
+    set_moe_dispatch(model, dispatch)
     input_ids = torch.randint(0, 320, (2, 8), device="cuda")
     positions = torch.arange(8, device="cuda")[None]
     bias = block_causal_bias(8, 4, device="cuda", dtype=torch.bfloat16)
