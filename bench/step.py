@@ -19,7 +19,11 @@ Configurations, all in one process on the same weights, cache and step tensors:
     fused_graph  difuse StepRunner with the FusionScheduler (profile rule on), CUDA graph
     compile      torch.compile(mode="reduce-overhead") of the same step function (once per batch)
 On a CPU (and with --quick) the shapes are tiny, `graph` and `compile` are skipped (they need
-CUDA graphs) and `fused_graph` runs fused without a graph.
+CUDA graphs) and `fused_graph` runs fused without a graph. MoE models run their experts through
+difuse.models' default dispatch (sync-free fused Triton kernels on CUDA); a step that still
+synchronises with the host (found with CUDA's sync debug mode) is not captured: `graph` is skipped
+and `fused_graph` runs without a graph, each saying why. Configurations run in the order eager,
+compile, graph, fused_graph, the largest batch first, then the others from the smallest up.
 
 Every number is relative to ceilings measured in the same run (bench/ceilings.py): the weight
 floor is the bytes of weights one step must read over the copy bandwidth; for MoE only the
@@ -234,16 +238,27 @@ class Configuration:
         return f"capture failed, ran eagerly: {self.runner.capture_error}"
 
     def _compiled(self):
+        """torch.compile of the step, compiled and run once here (timed as compile_s). If tracing
+        through an MoE expert dispatch fails, it is compiled again with the dispatch left eager
+        (torch.compiler.disable), and the note says so."""
+        try:
+            return self._compile_and_run()
+        except Exception as error:  # noqa: BLE001 - retried once without the expert dispatch
+            experts = [m for m in self.state.model.modules() if isinstance(m, Experts)]
+            if not experts:
+                raise
+            self.notes.append(f"compiling through the MoE expert dispatch failed ({type(error).__name__}: "
+                              f"{_first_line(error)[:200]}); compiled again with it left eager")
+        for module in experts:
+            module.forward = torch.compiler.disable(module.forward)
+        self._disabled = experts
+        return self._compile_and_run()
+
+    def _compile_and_run(self):
         state = self.state
         torch._dynamo.reset()  # a static compile for this batch size, not a recompile of the last one
         for tensor in state.static_tensors():
             torch._dynamo.mark_static_address(tensor)  # in-place updated buffers: no cudagraph input copies
-        self._disabled = [m for m in state.model.modules() if isinstance(m, Experts)]
-        for experts in self._disabled:
-            experts.forward = torch.compiler.disable(experts.forward)
-        if self._disabled:
-            self.notes.append("MoE expert dispatch left eager (torch.compiler.disable): the reference dispatch reads "
-                              "expert counts on the host")
         compiled = torch.compile(state.step_function(), mode="reduce-overhead", dynamic=False)
         args = state.args
 
