@@ -330,7 +330,10 @@ def run_configuration(name: str, state: StepState, settings, accounting: dict, c
         if device.type == "cuda":
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         call = None  # holds the runner (its CUDA graph and pool) or the compiled function
-        config.release()
+        try:
+            config.release()
+        except Exception as error:  # noqa: BLE001 - the row is measured; what follows is recorded on its own
+            log(f"releasing {name} failed: {type(error).__name__}: {_first_line(error)}")
         release_memory(device)
     return row, report
 
@@ -357,8 +360,11 @@ def _first_line(error: BaseException) -> str:
 def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+        except RuntimeError as error:  # a device error from the configuration just run: it is recorded there
+            log(f"releasing memory failed: {_first_line(error)}")
 
 
 def routed_union(model, state: StepState) -> list[int] | None:
@@ -616,6 +622,7 @@ def run(settings) -> int:
             log(f"skipping {name} ({LABELS[name]}): {reason}")
     rows, accountings, reports = [], {}, {}
     budget = Budget(settings.budget_s)
+    stem = f"step-{spec.name.replace('(tiny)', '-tiny')}-{device_slug(device)}"
     with torch.inference_mode():
         ceilings = measure_ceilings(device, settings.dtype, quick=settings.quick or device.type != "cuda")
         log(f"ceilings: copy {ceilings['copy_bandwidth_Bps'] / 1e12:.3f} TB/s (read + write), "
@@ -626,8 +633,22 @@ def run(settings) -> int:
         build_s = time.perf_counter() - begin
         log(f"built {spec.name} with random weights in {build_s:.1f} s: "
             f"{sum(p.numel() for p in model.parameters()) / 1e9:.3f} B parameters")
+        meta = {"model": spec.name, "shapes": repr(spec.config), "block_causal": spec.block_causal,
+                "prompt": settings.prompt, "gen": settings.gen, "block": settings.block,
+                "cache": "dual (filled once by a refresh forward)", "decoder": "threshold 0.9",
+                "dtype": str(settings.dtype).removeprefix("torch."), "tokens_per_step": settings.tokens_per_step,
+                "iters": settings.iters, "warmup": settings.warmup, "budget_s": settings.budget_s,
+                "batch_order": settings.batches, "run_order": settings.configs, "environment": env,
+                "ceilings": ceilings, "model_build_s": build_s, "accounting": accountings,
+                "configurations": {c: LABELS[c] for c in CONFIGS}}
         for batch in settings.batches:
-            batch_rows, accounting, report = run_batch(model, spec, batch, settings, ceilings, budget)
+            try:
+                batch_rows, accounting, report = run_batch(model, spec, batch, settings, ceilings, budget)
+            except Exception as error:  # noqa: BLE001 - e.g. a device left unusable by an earlier failure
+                traceback.print_exc()
+                reason = f"batch failed: {type(error).__name__}: {_first_line(error)}"
+                batch_rows, accounting, report = [{**_skipped(n, batch, reason), "status": "error"}
+                                                  for n in settings.configs], {}, None
             for row in batch_rows:
                 row.update(model=spec.name, device=env["device"], tokens_per_step=settings.tokens_per_step)
                 if accounting:
@@ -640,15 +661,8 @@ def run(settings) -> int:
             accountings[batch] = accounting
             if report is not None:
                 reports[batch] = report
-    meta = {"model": spec.name, "shapes": repr(spec.config), "block_causal": spec.block_causal,
-            "prompt": settings.prompt, "gen": settings.gen, "block": settings.block,
-            "cache": "dual (filled once by a refresh forward)", "decoder": "threshold 0.9",
-            "dtype": str(settings.dtype).removeprefix("torch."), "tokens_per_step": settings.tokens_per_step,
-            "iters": settings.iters, "warmup": settings.warmup, "budget_s": settings.budget_s,
-            "run_order": settings.configs, "environment": env, "ceilings": ceilings,
-            "model_build_s": build_s, "accounting": accountings, "configurations": {c: LABELS[c] for c in CONFIGS}}
-    stem = f"step-{spec.name.replace('(tiny)', '-tiny')}-{device_slug(device)}"
-    paths = write_outputs(settings.out, stem, meta, rows, reports)
+            # after every batch size: a run stopped from outside still leaves what it measured
+            paths = write_outputs(settings.out, stem, meta, rows, reports)
     for batch, report in sorted(reports.items()):
         print(f"\nfusion report of fused_graph at batch {batch}, by group kind (full table in the -fusion files):")
         print(fusion_table(fusion_summary(report.to_dict())))
