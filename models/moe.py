@@ -12,9 +12,11 @@ from difuse.patterns.moe_router import sigmoid_group_topk_router, softmax_topk_r
 
 __all__ = ["DISPATCHES", "Experts", "set_moe_dispatch", "sigmoid_group_topk_router", "softmax_topk_router"]
 
-# "auto": the fused Triton kernels on CUDA, the sorted reference elsewhere (the Triton interpreter
-# is far too slow for whole models on CPU). The others force one implementation (difuse.patterns.moe):
-# "sorted" syncs with the host once per layer; "dense" and "fused" are sync-free and CUDA-graph capturable.
+# "auto": the fused Triton kernels on CUDA, the dense reference elsewhere (the Triton interpreter is
+# far too slow for whole models on CPU). The others force one implementation (difuse.patterns.moe).
+# "dense" and "fused" are sync-free: a recorded or CUDA-graph-captured step replays them correctly
+# for any routing. "sorted" reads per-expert counts on the host, so a recorded step would replay
+# the routing it was recorded with: use it only for eager runs.
 DISPATCHES = {"sorted": moe_sorted_reference, "dense": moe_dense_reference, "fused": fused_moe}
 
 
@@ -36,7 +38,7 @@ class Experts(nn.Module):
         sum_k weights[n, k] * expert_ids[n, k](x[n]) over the experts held here, accumulated in fp32."""
         dispatch = self.dispatch
         if dispatch == "auto":
-            dispatch = "fused" if x.is_cuda else "sorted"
+            dispatch = "fused" if x.is_cuda else "dense"
         if dispatch not in DISPATCHES:
             raise ValueError(f"unknown MoE dispatch {self.dispatch!r}; choose from {('auto', *DISPATCHES)}")
         if self.first_expert:
@@ -46,7 +48,7 @@ class Experts(nn.Module):
 
 def set_moe_dispatch(model: nn.Module, dispatch: str) -> None:
     """Switch every Experts module of `model` to `dispatch`: "auto" (default: fused on CUDA,
-    sorted elsewhere), "fused", "sorted" or "dense"."""
+    dense elsewhere), "fused", "sorted" or "dense"."""
     if dispatch != "auto" and dispatch not in DISPATCHES:
         raise ValueError(f"unknown MoE dispatch {dispatch!r}; choose from {('auto', *DISPATCHES)}")
     for module in model.modules():

@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--seed", type=int)
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         sub.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
+        # tensor / expert parallelism: launch with torchrun --nproc-per-node N and pass N
+        sub.add_argument("--tp", type=int, default=1, help="tensor-parallel size: 1 or the number of processes")
+        sub.add_argument("--ep", type=int, default=1, help="expert-parallel size: 1 or the number of processes")
     generate.add_argument("--no-fusion", action="store_true", help="run the denoise step eagerly")
     generate.add_argument("--no-cuda-graph", action="store_true")
     generate.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -60,11 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         config = _config(args)
         fusion = args.command == "report" or not args.no_fusion
         graphs = args.command == "report" or not args.no_cuda_graph
-        engine = Engine.from_pretrained(args.model, args.device, DTYPES.get(args.dtype), fusion, graphs)
+        engine = Engine.from_pretrained(args.model, args.device, DTYPES.get(args.dtype), fusion, graphs,
+                                        tensor_parallel=args.tp, expert_parallel=args.ep)
         results = engine.generate(args.prompt, config, chat=not args.no_chat)
     except ValueError as error:
         print(f"difuse: error: {error}", file=sys.stderr)
         return 2
+    if _distributed_rank() > 0:  # every rank generated the same tokens; rank 0 alone prints them
+        return 0
     if args.command == "report":
         return _report(engine, args)
     for result in results:
@@ -78,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{result.steps} steps, {result.tokens_per_step:.2f} tokens/step, "
                   f"{result.ms_per_step:.2f} ms/step, {result.cache_refreshes} cache refreshes]", file=sys.stderr)
     return 0
+
+
+def _distributed_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _report(engine, args) -> int:

@@ -67,13 +67,24 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
-                        enable_fusion: bool = True, cuda_graphs: bool = True) -> "Engine":
+                        enable_fusion: bool = True, cuda_graphs: bool = True, tensor_parallel: int = 1,
+                        expert_parallel: int = 1) -> "Engine":
+        """tensor_parallel / expert_parallel: 1 or the number of processes torchrun started (each
+        process then holds its shard of the model and all of them generate the same tokens)."""
         from difuse.models import load_model, load_tokenizer
         from difuse.runtime.builtin import builtin_model_path
 
         path = path if path is not None else builtin_model_path()
         dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
-        return cls(load_model(path, device, dtype), load_tokenizer(path), enable_fusion, cuda_graphs)
+        # --- tensor / expert parallelism (models/parallel.py) ---
+        parallel = None
+        if tensor_parallel != 1 or expert_parallel != 1:
+            from difuse.models.parallel import ParallelConfig, init_distributed
+
+            device = init_distributed(device)
+            parallel = ParallelConfig.from_sizes(tensor_parallel, expert_parallel)
+        # --- end tensor / expert parallelism ---
+        return cls(load_model(path, device, dtype, parallel), load_tokenizer(path), enable_fusion, cuda_graphs)
 
     def encode(self, prompt: str | list[int], chat: bool = True) -> list[int]:
         if isinstance(prompt, str):
@@ -83,7 +94,7 @@ class Engine:
 
             return list(encode_prompt(self.tokenizer, prompt, chat=chat))
         ids = [int(t) for t in prompt]
-        vocab = self.model.config.embedding_size
+        vocab = self.model.vocab_size
         if not ids or not all(0 <= t < vocab for t in ids):
             raise ValueError(f"a prompt must be a non-empty list of token ids in [0, {vocab})")
         return ids

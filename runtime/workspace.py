@@ -34,14 +34,15 @@ class Workspace:
         self.threshold = torch.tensor(config.threshold, dtype=torch.float32, device=device)
         self.low_threshold = torch.tensor(config.low_threshold, dtype=torch.float32, device=device)
         self.steps_taken, self.committed = zeros(batch), zeros(batch)
-        vocab = model_config.embedding_size
+        vocab = model.vocab_size
         self.state = self.decoder.init_state(batch, config.block_length, vocab, device)
         self.smooth_weight = torch.zeros((), dtype=torch.float32, device=device)
-        self.soft_embeds = zeros(batch, config.block_length, model_config.d_model, dtype=torch.float32)
+        self.soft_embeds = zeros(batch, config.block_length, model.hidden_size, dtype=torch.float32)
         self.cache = None
         if config.cache != "none":
-            self.cache = StaticKVCache(model_config.n_layers, batch, model_config.n_kv_heads, length,
-                                       model_config.head_dim, dtype, device)
+            # The model's own sizes: the same names in every family, and this rank's KV heads under TP.
+            self.cache = StaticKVCache(model.num_layers, batch, model.num_kv_heads, length, model.head_dim,
+                                       dtype, device)
         self._arange = torch.arange(length, device=device)
         self._runners: dict[tuple[str, int], tuple[StepRunner, torch.Tensor, torch.Tensor]] = {}
         self._placed: dict[str, tuple[int, int]] = {}  # runner -> (query start, block start) its rows hold

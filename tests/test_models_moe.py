@@ -355,3 +355,15 @@ def test_llada2_bf16_router_params_stay_fp32(llada2_checkpoint):
     input_ids = torch.randint(0, 320, (1, 8))
     hidden = model(input_ids, torch.arange(8)[None], attention_bias=block_causal_bias(8, 4, dtype=torch.bfloat16))
     assert hidden.dtype == torch.bfloat16 and torch.isfinite(hidden).all()
+
+
+def test_default_dispatch_is_sync_free(llada2_checkpoint):
+    """A recorded denoise step replays its ops for any routing: the default MoE path must not
+    read routing results on the host (the sorted reference does, and would bake one routing in).
+    On the meta device any host read fails, so running there proves there is none."""
+    model = load_model(llada2_checkpoint, "cpu", torch.float32).to("meta")
+    input_ids, positions = torch.zeros(2, 8, dtype=torch.int64, device="meta"), torch.arange(8, device="meta")[None]
+    assert model(input_ids, positions).shape == (2, 8, 64)
+    set_moe_dispatch(model, "sorted")
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        model(input_ids, positions)

@@ -1,8 +1,14 @@
 """Tensor and expert parallelism on CPU: two gloo processes (torch.multiprocessing spawn on a free
-loopback port) must give the logits of one process's full model, for dense LLaDA (TP), LLaDA-MoE
-and LLaDA2 (TP, EP, both). All cases share one spawn, since starting processes dominates."""
+loopback port) must give the logits and the greedy generation of one process's full model, for
+dense LLaDA (TP), LLaDA-MoE and LLaDA2 (TP, EP, both). All cases share one spawn, since starting
+processes dominates. The CLI under torchrun must print the tokens of a single process."""
+import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +43,11 @@ def _worker(rank: int, port: int, paths: dict, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    from difuse.runtime.config import GenerationConfig
+    from difuse.runtime.engine import Engine
+
+    generation = GenerationConfig(gen_length=8, block_length=4, threshold=0.05, cache="dual")
+    prompt = [[5, 17, 42, 99, 3]]
     results = {}
     for name, (kind, _, _, tp, ep) in CASES.items():
         full = load_model(paths[name], "cpu", torch.float32)
@@ -47,7 +58,9 @@ def _worker(rank: int, port: int, paths: dict, out_dir: str) -> None:
         got = shard.compute_logits(shard(input_ids, positions)[:, 2:6])  # the LM head on some rows only
         results[name] = dict(expected=expected[:, 2:6], got=got, kv_heads=shard.num_kv_heads,
                              params=sum(p.numel() for p in shard.parameters()),
-                             full_params=sum(p.numel() for p in full.parameters()))
+                             full_params=sum(p.numel() for p in full.parameters()),
+                             tokens=[Engine(m, enable_fusion=False).generate(prompt, generation)[0].sequence
+                                     for m in (full, shard)])
     try:
         load_model(paths["llada_tp_split_kv"], "cpu", torch.float32, ParallelConfig(False, True))
     except ValueError as error:
@@ -74,6 +87,9 @@ def test_sharded_logits_match_full_model(parallel_results, name):
         assert torch.equal(result["got"].argmax(-1), result["expected"].argmax(-1))
         assert result["params"] < result["full_params"]  # each rank really holds less
     torch.testing.assert_close(parallel_results[0][name]["got"], parallel_results[1][name]["got"], atol=0, rtol=0)
+    for rank in range(WORLD):
+        full_tokens, shard_tokens = parallel_results[rank][name]["tokens"]
+        assert shard_tokens == full_tokens
     kv_heads = {"llada_tp_replicated_kv": 1, "llada_tp_split_kv": 1, "llada_moe_ep": 4, "llada2_ep": 2}
     if name in kv_heads:
         assert parallel_results[0][name]["kv_heads"] == kv_heads[name]
@@ -111,3 +127,23 @@ def test_assemble_reads_only_the_shard():
     stacked = torch.stack((full["e0"], full["e1"]))
     torch.testing.assert_close(assemble(experts, read, Shard(0, ((1, 2),))), stacked[1:2])
     torch.testing.assert_close(assemble(experts, read, Shard(1, ((0, 1), (2, 3)))), stacked[:, [0, 2]])
+
+
+SHIM = Path(__file__).resolve().parents[1] / ".shim"
+
+
+def test_torchrun_cli_generates_the_tokens_of_one_process(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "llada2", "llada2", seed=3, dtype=torch.float32)
+    args = ["-m", "difuse.runtime", "generate", "--model", str(path), "--prompt", "hello", "--gen-length", "8",
+            "--block-length", "4", "--threshold", "0.05", "--cache", "dual", "--no-fusion", "--json"]
+    torchrun = shutil.which("torchrun")
+    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    env = dict(os.environ, PYTHONPATH=str(SHIM), OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr
+    parallel = subprocess.run([*launcher, "--nproc-per-node", str(WORLD), "--master-port", str(_free_port()),
+                               *args, "--tp", "2", "--ep", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert parallel.returncode == 0, parallel.stderr
+    lines = parallel.stdout.strip().splitlines()
+    assert len(lines) == 1  # rank 0 alone prints
+    assert json.loads(lines[0])["tokens"] == json.loads(single.stdout)["tokens"]
