@@ -1,0 +1,1 @@
+"""difuse benchmarks: `python -m bench.kernels`, ... (run from the repository root)."""

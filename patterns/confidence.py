@@ -45,3 +45,925 @@ def topk_select(confidence, token, block, mask_id: int, k: torch.Tensor):
     accept = masked & (rank < k.unsqueeze(-1))
     block.copy_(torch.where(accept, token, block))
     return accept
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused kernels.
+#
+# Vocabulary pass (`_vocab_pass_kernel`, grid rows x splits): every program streams its slice of
+# one logits row once, keeping per-lane running state in registers: max m, sum of exp(x - m),
+# and the argmax (first index among ties: a lane only moves on a strictly larger value and chunks
+# go left to right; across lanes the smallest index among equal keys wins). One exp per element:
+# exp(min(x, m) - max(x, m)) rescales whichever side is smaller. At temperature > 0 the argmax key is
+# the exponential race x / T - log(E), E = -log(U), U = tl.rand(seed, row * V + col) drawn in-kernel,
+# and the raw logit at the winner is kept for its probability. Rows whose block token is not the
+# mask id skip the pass (MASKED_ONLY). With one split the program writes (confidence, token)
+# directly; otherwise it writes partials that the second kernel folds.
+#
+# Combine + select (`_select_kernel`, grid = batch rows): folds the [N, splits] partials of one
+# block row (or reads given confidence/token), then applies threshold or top-k acceptance and
+# writes accepted tokens into the block in place: no host sync, everything stays on the device.
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from difuse.patterns._rows import check_float, check_runtime_device, check_same_device, row_view, sm_count  # noqa: E402
+
+_NO_INDEX = tl.constexpr(2**31 - 1)  # "no token yet"; also bounds the vocabulary (int32 indices)
+_SELECT_NONE, _SELECT_THRESHOLD, _SELECT_TOPK = 0, 1, 2
+_TOPK_MAX_BLOCK = 256  # top-k ranks by an [N, N] comparison held in registers
+
+
+@triton.jit(do_not_specialize=["mask_id", "seed"])
+def _vocab_pass_kernel(
+    logits_ptr, l_inner, l_so, l_si, V,
+    block_ptr, b_inner, b_so, b_si, mask_id,
+    temperature, seed,
+    part_m, part_s, part_k, part_i, part_l,  # [rows, SPLITS] partials (when not FINAL)
+    conf_ptr, token_ptr,  # [rows] outputs (when FINAL)
+    chunk,  # columns per split, a multiple of BLOCK_V
+    SPLITS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    MASKED_ONLY: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    SEED_FROM_PTR: tl.constexpr,
+    FINAL: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    if SEED_FROM_PTR:
+        rng_seed = tl.load(seed)
+    else:
+        rng_seed = seed
+    active = True
+    if MASKED_ONLY:
+        active = tl.load(block_ptr + (row // b_inner) * b_so + (row % b_inner) * b_si) == mask_id
+    if active:
+        row_ptr = logits_ptr + (row // l_inner) * l_so + (row % l_inner) * l_si
+        lanes = tl.arange(0, BLOCK_V)
+        m = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+        s = tl.zeros((BLOCK_V,), tl.float32)
+        best_i = tl.full((BLOCK_V,), _NO_INDEX, tl.int32)
+        best_k = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+        best_l = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+        start = split * chunk
+        for offset in tl.range(0, chunk, BLOCK_V, num_stages=3):
+            cols = start + offset + lanes
+            x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, x)
+            # Where both are -inf, subtract 0 instead: exp(-inf) = 0, no NaN.
+            e = tl.exp(tl.minimum(m, x) - tl.where(m_new == float("-inf"), 0.0, m_new))
+            larger = x > m
+            s = tl.where(larger, s * e + 1.0, s + e)
+            if SAMPLE:
+                u = tl.rand(rng_seed, row * V + cols)
+                key = x / temperature - tl.log(-tl.log(u))
+                take = key > best_k
+                best_k = tl.where(take, key, best_k)
+                best_i = tl.where(take, cols, best_i)
+                best_l = tl.where(take, x, best_l)
+            else:
+                best_i = tl.where(larger, cols, best_i)
+            m = m_new
+        row_max = tl.max(m, axis=0)
+        # Lanes (or a whole split) that saw only -inf have s = 0: rescale against 0, not -inf.
+        row_sum = tl.sum(s * tl.exp(m - tl.where(row_max == float("-inf"), 0.0, row_max)), axis=0)
+        if SAMPLE:
+            key_max = tl.max(best_k, axis=0)
+            index = tl.min(tl.where(best_k == key_max, best_i, _NO_INDEX), axis=0)
+            logit = tl.max(tl.where(best_i == index, best_l, float("-inf")), axis=0)
+        else:
+            key_max = row_max
+            index = tl.min(tl.where(m == row_max, best_i, _NO_INDEX), axis=0)
+            logit = row_max
+        if FINAL:
+            tl.store(conf_ptr + row, tl.exp(logit - row_max) / row_sum)
+            tl.store(token_ptr + row, index.to(tl.int64))
+        else:
+            at = row * SPLITS + split
+            tl.store(part_m + at, row_max)
+            tl.store(part_s + at, row_sum)
+            tl.store(part_k + at, key_max)
+            tl.store(part_i + at, index)
+            if SAMPLE:
+                tl.store(part_l + at, logit)
+
+
+@triton.jit(do_not_specialize=["mask_id"])
+def _select_kernel(
+    part_m, part_s, part_k, part_i, part_l,  # [B * N, SPLITS] partials (FROM_PARTIALS)
+    conf_ptr, c_sb, c_sn, token_ptr, t_sb, t_sn,  # given [B, N] confidence and token (else)
+    block_ptr, b_sb, b_sn, mask_id,  # [B, N] block, written in place
+    threshold, k,  # acceptance parameters (scalars or pointers, see *_FROM_PTR)
+    accept_ptr,  # [B, N] bool output
+    out_conf_ptr, out_token_ptr,  # [B * N] outputs (MODE == none)
+    N, n_rows,
+    SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    FROM_PARTIALS: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    MODE: tl.constexpr,
+    THRESHOLD_FROM_PTR: tl.constexpr,
+    K_FROM_PTR: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    n = tl.arange(0, BLOCK_N)
+    rows = b * N + n
+    n_ok = (n < N) & (rows < n_rows)
+    if MODE == 0:
+        masked = n_ok
+        block_tok = tl.zeros((BLOCK_N,), tl.int64)
+    else:
+        block_tok = tl.load(block_ptr + b * b_sb + n * b_sn, mask=n_ok, other=0)
+        masked = n_ok & (block_tok == mask_id)
+    if FROM_PARTIALS:
+        at = rows[:, None] * SPLITS + tl.arange(0, BLOCK_S)[None, :]
+        pmask = masked[:, None] & (tl.arange(0, BLOCK_S) < SPLITS)[None, :]
+        m = tl.load(part_m + at, mask=pmask, other=float("-inf"))
+        s = tl.load(part_s + at, mask=pmask, other=0.0)
+        key = tl.load(part_k + at, mask=pmask, other=float("-inf"))
+        index = tl.load(part_i + at, mask=pmask, other=_NO_INDEX)
+        # Rows left out (unmasked, padding) have only -inf: fold them against 0 to avoid NaN.
+        row_max = tl.where(masked, tl.max(m, axis=1), 0.0)
+        row_sum = tl.where(masked, tl.sum(s * tl.exp(m - row_max[:, None]), axis=1), 1.0)
+        key_max = tl.max(key, axis=1)
+        token = tl.min(tl.where(key == key_max[:, None], index, _NO_INDEX), axis=1)
+        if SAMPLE:
+            logit = tl.load(part_l + at, mask=pmask, other=float("-inf"))
+            logit = tl.max(tl.where(index == token[:, None], logit, float("-inf")), axis=1)
+        else:
+            logit = row_max
+        conf = tl.exp(logit - row_max) / row_sum
+        token = token.to(tl.int64)
+    else:
+        conf = tl.load(conf_ptr + b * c_sb + n * c_sn, mask=masked, other=float("-inf")).to(tl.float32)
+        token = tl.load(token_ptr + b * t_sb + n * t_sn, mask=masked, other=0).to(tl.int64)
+    if MODE == 0:
+        tl.store(out_conf_ptr + rows, conf, mask=n_ok)
+        tl.store(out_token_ptr + rows, token, mask=n_ok)
+    else:
+        conf = tl.where(masked, conf, float("-inf"))
+        if MODE == 1:
+            if THRESHOLD_FROM_PTR:
+                threshold = tl.load(threshold).to(tl.float32)
+            row_best = tl.max(conf, axis=0)
+            accept = masked & ((conf >= threshold) | (conf == row_best))
+        else:
+            if K_FROM_PTR:
+                k = tl.load(k + b)
+            # Stable descending rank: positions before i that are larger, or equal and earlier.
+            c_i = conf[:, None]
+            c_j = conf[None, :]
+            earlier = n[None, :] < n[:, None]
+            ahead = (c_j > c_i) | ((c_j == c_i) & earlier)
+            rank = tl.sum(ahead.to(tl.int32), axis=1)
+            accept = masked & (rank < k)
+        tl.store(block_ptr + b * b_sb + n * b_sn, token.to(block_ptr.dtype.element_ty), mask=accept)
+        tl.store(accept_ptr + rows, accept, mask=n_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host wrappers.
+
+_DEFAULT_BLOCK_V = 4096
+_SPLIT_BLOCK_V = 2048
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    check_float("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [..., V] with V >= 1, got {tuple(logits.shape)}")
+    if logits.shape[-1] >= _NO_INDEX.value:
+        raise ValueError(f"vocabulary of {logits.shape[-1]} entries exceeds the int32 token index range")
+    check_runtime_device(logits)
+
+
+def _check_temperature(temperature) -> float:
+    if isinstance(temperature, torch.Tensor) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a non-negative Python number, got {temperature!r}")
+    return float(temperature)
+
+
+def _seed_arg(seed, device: torch.device):
+    """An int seed, or a 0-dim integer device tensor (changeable between CUDA-graph replays)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() != 0 or seed.dtype not in (torch.int64, torch.int32) or seed.device != device:
+            raise ValueError(f"seed tensor must be a 0-dim int32/int64 tensor on {device}")
+        return seed, True
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or a 0-dim integer tensor, got {type(seed).__name__}")
+    return seed & (2**63 - 1), False
+
+
+def choose_splits(rows: int, vocab: int, device: torch.device, block_v: int = _SPLIT_BLOCK_V) -> int:
+    """Vocabulary splits per row: aim at ~4 programs per SM (32 rows x 1 program would leave most
+    of an H100's 132 SMs idle), at least two BLOCK_V tiles per split."""
+    wanted = triton.cdiv(4 * sm_count(device), max(rows, 1))
+    return max(1, min(wanted, vocab // (2 * block_v)))
+
+
+def plan_vocab_pass(rows: int, vocab: int, device: torch.device, splits: int | None = None,
+                    block_v: int | None = None) -> tuple[int, int, int]:
+    """(splits, block_v, chunk): one pass with 4096-wide tiles when the rows fill the GPU, else
+    2048-wide tiles (finer splits, e.g. 32 x 126464 -> 16 splits of 8192 columns per row)."""
+    if block_v is None:
+        wide = splits == 1 or (splits is None and choose_splits(rows, vocab, device) == 1)
+        block_v = min(_DEFAULT_BLOCK_V if wide else _SPLIT_BLOCK_V, triton.next_power_of_2(vocab))
+    if splits is None:
+        splits = choose_splits(rows, vocab, device, block_v)
+    if splits < 1 or block_v < 1 or block_v & (block_v - 1):
+        raise ValueError(f"splits must be >= 1 and block_v a power of two, got {splits}, {block_v}")
+    chunk = triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
+    return triton.cdiv(vocab, chunk), block_v, chunk
+
+
+def _vocab_pass(logits, block, mask_id, temperature, seed, splits, block_v, final):
+    """Launch the vocabulary pass over the rows of logits [..., V]. Returns partials or (conf, token)."""
+    view = row_view(logits)
+    V = logits.shape[-1]
+    device = logits.device
+    splits, block_v, chunk = plan_vocab_pass(view.rows, V, device, splits, block_v)
+    if final and splits != 1:
+        raise ValueError("a final vocabulary pass needs a single split")
+    seed, seed_from_ptr = _seed_arg(seed, device)
+    sample = temperature > 0
+    f32 = dict(dtype=torch.float32, device=device)
+    shape = (view.rows, splits)
+    if final:
+        conf = torch.empty(view.rows, **f32)
+        token = torch.empty(view.rows, dtype=torch.int64, device=device)
+        partials = (conf,) * 5
+    else:
+        part_l = torch.empty(shape, **f32) if sample else None
+        partials = (torch.empty(shape, **f32), torch.empty(shape, **f32), torch.empty(shape, **f32),
+                    torch.empty(shape, dtype=torch.int32, device=device))
+        partials = partials + (part_l if sample else partials[0],)
+        conf = token = partials[0]
+    if block is not None:
+        bview = RowBlock(block)
+        block_args = (block, bview.n, bview.stride_b, bview.stride_n, int(mask_id))
+    else:
+        block_args = (logits, 1, 0, 0, 0)
+    if view.rows:
+        _vocab_pass_kernel[(view.rows, splits)](
+            view.tensor, view.inner, view.stride_outer, view.stride_inner, V,
+            *block_args,
+            temperature if sample else 1.0, seed,
+            *partials,
+            conf, token,
+            chunk,
+            SPLITS=splits,
+            BLOCK_V=block_v,
+            MASKED_ONLY=block is not None,
+            SAMPLE=sample,
+            SEED_FROM_PTR=seed_from_ptr,
+            FINAL=final,
+            num_warps=8 if block_v >= 4096 else 4,
+        )
+    if final:
+        return conf, token
+    return partials, splits
+
+
+class RowBlock:
+    """The [B, N] block of token ids the selection reads and writes in place."""
+
+    def __init__(self, block: torch.Tensor):
+        if not isinstance(block, torch.Tensor) or block.dtype not in (torch.int64, torch.int32):
+            raise TypeError("block must be an int64 or int32 tensor of token ids")
+        if block.dim() != 2:
+            raise ValueError(f"block must be [B, N], got shape {tuple(block.shape)}")
+        self.batch, self.n = block.shape
+        self.stride_b, self.stride_n = block.stride()
+
+
+def _check_mask_id(mask_id) -> int:
+    if isinstance(mask_id, bool) or not isinstance(mask_id, int):
+        raise TypeError(f"mask_id must be a Python int, got {type(mask_id).__name__}")
+    return mask_id
+
+
+def _threshold_arg(threshold, device):
+    if isinstance(threshold, torch.Tensor):
+        if threshold.dim() != 0 or not threshold.is_floating_point() or threshold.device != device:
+            raise ValueError(f"threshold tensor must be a 0-dim float tensor on {device}")
+        return threshold, True
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a float or a 0-dim float tensor, got {type(threshold).__name__}")
+    return float(threshold), False
+
+
+def _k_arg(k, batch: int, device):
+    if isinstance(k, torch.Tensor):
+        if k.shape != (batch,) or k.dtype not in (torch.int64, torch.int32) or k.device != device:
+            raise ValueError(f"k must be an int64/int32 tensor [B] = [{batch}] on {device}")
+        return k.contiguous(), True
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int or an integer tensor [B], got {type(k).__name__}")
+    return k, False
+
+
+def _launch_select(block, mask_id, mode, threshold=0.0, k=0, partials=None, splits=1, sample=False,
+                   conf=None, token=None):
+    rb = RowBlock(block)
+    device = block.device
+    if mode == _SELECT_TOPK and rb.n > _TOPK_MAX_BLOCK:
+        raise ValueError(f"top-k selection supports blocks of at most {_TOPK_MAX_BLOCK} positions, got {rb.n}")
+    threshold, threshold_from_ptr = _threshold_arg(threshold, device)
+    k, k_from_ptr = _k_arg(k, rb.batch, device)
+    accept = torch.empty((rb.batch, rb.n), dtype=torch.bool, device=device)
+    if accept.numel() == 0:
+        return accept
+    if partials is None:
+        partials = (conf,) * 5
+        given = (conf, conf.stride(0), conf.stride(1), token, token.stride(0), token.stride(1))
+    else:
+        given = (block, 0, 0, block, 0, 0)
+    _select_kernel[(rb.batch,)](
+        *partials,
+        *given,
+        block, rb.stride_b, rb.stride_n, mask_id,
+        threshold, k,
+        accept, accept, accept,
+        rb.n, rb.batch * rb.n,
+        SPLITS=splits,
+        BLOCK_N=triton.next_power_of_2(rb.n),
+        BLOCK_S=triton.next_power_of_2(splits),
+        FROM_PARTIALS=conf is None,
+        SAMPLE=sample,
+        MODE=mode,
+        THRESHOLD_FROM_PTR=threshold_from_ptr,
+        K_FROM_PTR=k_from_ptr,
+        num_warps=4,
+    )
+    return accept
+
+
+def fused_token_confidence(logits: torch.Tensor, temperature: float = 0.0, seed=0, *, splits: int | None = None,
+                           block_v: int | None = None):
+    """Triton token_confidence: logits [..., V] -> (confidence fp32 [...], token int64 [...]).
+
+    One pass over the vocabulary per row; `splits` > 1 (default: chosen from rows and SM count)
+    splits each row over several programs and folds the partials in a second tiny kernel.
+    At temperature > 0 the Gumbel noise comes from tl.rand(seed, ...): same seed, same tokens.
+    """
+    _check_logits(logits)
+    temperature = _check_temperature(temperature)
+    lead = logits.shape[:-1]
+    view_rows = logits.numel() // logits.shape[-1]
+    splits, block_v, _ = plan_vocab_pass(view_rows, logits.shape[-1], logits.device, splits, block_v)
+    if splits == 1 or view_rows == 0:
+        conf, token = _vocab_pass(logits, None, 0, temperature, seed, 1, block_v, final=True)
+        return conf.view(lead), token.view(lead)
+    partials, splits = _vocab_pass(logits, None, 0, temperature, seed, splits, block_v, final=False)
+    conf = torch.empty(view_rows, dtype=torch.float32, device=logits.device)
+    token = torch.empty(view_rows, dtype=torch.int64, device=logits.device)
+    group = 32
+    _select_kernel[(triton.cdiv(view_rows, group),)](
+        *partials,
+        conf, 0, 0, token, 0, 0,
+        token, 0, 0, 0,
+        0.0, 0,
+        conf, conf, token,
+        group, view_rows,
+        SPLITS=splits, BLOCK_N=group, BLOCK_S=triton.next_power_of_2(splits),
+        FROM_PARTIALS=True, SAMPLE=temperature > 0, MODE=_SELECT_NONE,
+        THRESHOLD_FROM_PTR=False, K_FROM_PTR=False,
+        num_warps=4,
+    )
+    return conf.view(lead), token.view(lead)
+
+
+def _check_selection_inputs(logits, block, mask_id):
+    _check_logits(logits)
+    rb = RowBlock(block)
+    check_same_device(logits=logits, block=block)
+    lead = tuple(logits.shape[:-1])
+    if lead not in ((rb.batch, rb.n), (rb.batch * rb.n,)):
+        raise ValueError(f"logits {tuple(logits.shape)} must be [B, N, V] or [B*N, V] for block [B, N] = "
+                         f"{tuple(block.shape)}")
+    return _check_mask_id(mask_id)
+
+
+def confidence_threshold_select(logits, block, mask_id: int, threshold, temperature: float = 0.0, seed=0, *,
+                                splits: int | None = None, block_v: int | None = None) -> torch.Tensor:
+    """token_confidence + threshold_select in two launches, visiting the vocabulary only for
+    masked positions. logits [B, N, V] or [B*N, V]; block [B, N] is updated in place; returns the
+    accepted-position mask [B, N]. threshold: float or 0-dim device tensor."""
+    mask_id = _check_selection_inputs(logits, block, mask_id)
+    temperature = _check_temperature(temperature)
+    partials, splits = _vocab_pass(logits, block, mask_id, temperature, seed, splits, block_v, final=False)
+    return _launch_select(block, mask_id, _SELECT_THRESHOLD, threshold=threshold, partials=partials,
+                          splits=splits, sample=temperature > 0)
+
+
+def confidence_topk_select(logits, block, mask_id: int, k, temperature: float = 0.0, seed=0, *,
+                           splits: int | None = None, block_v: int | None = None) -> torch.Tensor:
+    """token_confidence + topk_select fused like confidence_threshold_select; k: int or int tensor [B]."""
+    mask_id = _check_selection_inputs(logits, block, mask_id)
+    temperature = _check_temperature(temperature)
+    partials, splits = _vocab_pass(logits, block, mask_id, temperature, seed, splits, block_v, final=False)
+    return _launch_select(block, mask_id, _SELECT_TOPK, k=k, partials=partials, splits=splits,
+                          sample=temperature > 0)
+
+
+def _check_conf_token(confidence, token, block):
+    check_float("confidence", confidence)
+    if not isinstance(token, torch.Tensor) or token.dtype not in (torch.int64, torch.int32):
+        raise TypeError("token must be an int64 or int32 tensor")
+    RowBlock(block)
+    if confidence.shape != block.shape or token.shape != block.shape:
+        raise ValueError(f"confidence {tuple(confidence.shape)}, token {tuple(token.shape)} and block "
+                         f"{tuple(block.shape)} must all be [B, N]")
+    check_same_device(confidence=confidence, token=token, block=block)
+    check_runtime_device(block)
+
+
+def fused_threshold_select(confidence, token, block, mask_id: int, threshold) -> torch.Tensor:
+    """Triton threshold_select (one launch per step, no host sync)."""
+    _check_conf_token(confidence, token, block)
+    return _launch_select(block, _check_mask_id(mask_id), _SELECT_THRESHOLD, threshold=threshold,
+                          conf=confidence, token=token)
+
+
+def fused_topk_select(confidence, token, block, mask_id: int, k) -> torch.Tensor:
+    """Triton topk_select (one launch per step, no host sync)."""
+    _check_conf_token(confidence, token, block)
+    return _launch_select(block, _check_mask_id(mask_id), _SELECT_TOPK, k=k, conf=confidence, token=token)
+
+
+def token_confidence_bytes(logits: torch.Tensor, temperature: float = 0.0) -> int:
+    rows = logits.numel() // logits.shape[-1]
+    return logits.numel() * logits.element_size() + rows * (4 + 8)
+
+
+def confidence_select_bytes(logits: torch.Tensor, block: torch.Tensor, *_, **__) -> int:
+    """Every logits row read once (the fewest bytes when all positions are masked), plus the block
+    read, its in-place write and the accept mask."""
+    return logits.numel() * logits.element_size() + block.numel() * (2 * block.element_size() + 1)
+
+
+def select_bytes(confidence, token, block, *_, **__) -> int:
+    n = block.numel()
+    return n * (confidence.element_size() + token.element_size() + 2 * block.element_size() + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Patterns.
+#   token_confidence:   max(softmax(logits.float(), -1), -1) -> (confidence, token); the cast is
+#                       absent for fp32 logits.
+#   threshold_select / topk_select: the recorded graphs of the references (mask test, -inf fill,
+#                       acceptance, where + copy_ into the block); threshold as a literal, a
+#                       ScalarArg or a 0-dim tensor; k as an int tensor [B].
+#   confidence_threshold_select / confidence_topk_select: token_confidence feeding one of them,
+#                       when confidence and token have no other reader; fused into the masked-only
+#                       vocabulary pass + combine/select kernels.
+# Selection matches output (accept, block after the in-place write).
+
+from difuse.fusion.ir import ScalarArg  # noqa: E402
+from difuse.fusion.pattern import Pattern, register  # noqa: E402
+from difuse.patterns._match import Walker, is_scalar, last_dim, no_overlap  # noqa: E402
+
+
+def _match_token_confidence(walker: Walker, anchor: int) -> dict | None:
+    node = walker.graph.nodes[anchor]
+    if node.op != "aten._softmax.default" or node.args[2] is not False:
+        return None
+    walker.taken.append(anchor)
+    x32 = node.inputs[0]
+    shape = walker.shape(x32)
+    if walker.dtype(x32) != torch.float32 or not last_dim(node.args[1], len(shape)):
+        return None
+    top = walker.sole_user(node.outputs[0], "aten.max.dim")
+    if top is None or not last_dim(top[1].args[1], len(shape)) or (len(top[1].args) > 2 and top[1].args[2]):
+        return None
+    walker.taken.append(top[0])
+    logits = walker.uncast(x32, torch.float32)
+    confidence, token = top[1].outputs
+    return {"logits": logits, "confidence": confidence, "token": token}
+
+
+def _match_sampled_confidence(walker: Walker, anchor: int) -> dict | None:
+    """The temperature > 0 form: token = argmax(x32 / T - log(empty_like(x32).exponential_())),
+    confidence = softmax(x32).gather(token)."""
+    g = walker.graph
+    draw = g.nodes[anchor]
+    if draw.op != "aten.exponential_.default" or len(draw.args) != 1 or draw.kwargs.get("lambd", 1.0) != 1.0 \
+            or draw.kwargs.get("generator") is not None:
+        return None
+    walker.taken.append(anchor)
+    buffer = draw.inputs[0]
+    while walker.node(buffer) is not None and walker.node(buffer).op == "aten.detach.default":
+        buffer = walker.take(buffer, "aten.detach.default").inputs[0]
+    empty = walker.take(buffer, "aten.empty_like.default")
+    if empty is None or empty.kwargs.get("dtype") is not None:
+        return None
+    x32 = empty.inputs[0]
+    if walker.dtype(x32) != torch.float32:
+        return None
+    log = walker.sole_user(draw.outputs[0], "aten.log.default")
+    if log is None:
+        return None
+    walker.taken.append(log[0])
+    race = walker.sole_user(log[1].outputs[0], "aten.sub.Tensor")
+    if race is None or getattr(race[1].args[1], "name", None) != log[1].outputs[0] \
+            or race[1].kwargs.get("alpha", 1) != 1:
+        return None
+    walker.taken.append(race[0])
+    scaled = walker.take(race[1].args[0].name, "aten.div.Tensor")
+    if scaled is None or scaled.inputs != (x32,) or not is_scalar(scaled.args[1]):
+        return None
+    temperature = scaled.args[1]
+    argmax = walker.sole_user(race[1].outputs[0], "aten.argmax.default")
+    ndim = len(walker.shape(x32))
+    if argmax is None or not last_dim(argmax[1].args[1], ndim) or (len(argmax[1].args) > 2 and argmax[1].args[2]):
+        return None
+    walker.taken.append(argmax[0])
+    token = argmax[1].outputs[0]
+    index = [i for i in walker.users(token) if g.nodes[i].op == "aten.unsqueeze.default"]
+    if len(index) != 1 or not last_dim(g.nodes[index[0]].args[1], ndim):
+        return None
+    walker.taken.append(index[0])
+    gather = walker.sole_user(g.nodes[index[0]].outputs[0], "aten.gather.default")
+    if gather is None or not last_dim(gather[1].args[1], ndim):
+        return None
+    softmax = walker.take(gather[1].args[0].name, "aten._softmax.default")
+    if softmax is None or softmax.inputs != (x32,) or not last_dim(softmax.args[1], ndim) or softmax.args[2]:
+        return None
+    walker.taken.append(gather[0])
+    squeeze = walker.sole_user(gather[1].outputs[0], "aten.squeeze.dim")
+    if squeeze is None or not last_dim(squeeze[1].args[1], ndim):
+        return None
+    walker.taken.append(squeeze[0])
+    return {"logits": walker.uncast(x32, torch.float32), "confidence": squeeze[1].outputs[0], "token": token,
+            "temperature": temperature}
+
+
+def _match_masked_fill(walker: Walker, eq_index: int) -> dict | None:
+    """masked = block == mask_id; conf = where(masked, confidence, -inf)."""
+    g = walker.graph
+    eq = g.nodes[eq_index]
+    mask_id = eq.args[1] if eq.op == "aten.eq.Scalar" else None
+    if len(eq.inputs) != 1 or not (isinstance(mask_id, ScalarArg) or type(mask_id) is int):
+        return None
+    block = eq.inputs[0]
+    if len(walker.shape(block)) != 2 or walker.dtype(block) not in (torch.int64, torch.int32):
+        return None
+    walker.taken.append(eq_index)
+    masked = eq.outputs[0]
+    fills = [i for i in walker.users(masked) if g.nodes[i].op == "aten.where.self"
+             and getattr(g.nodes[i].args[0], "name", None) == masked]
+    for i in fills:
+        where = g.nodes[i]
+        confidence, fill = where.args[1], where.args[2]
+        fill_name = getattr(fill, "name", None)
+        fill_node = walker.node(fill_name) if fill_name else None
+        if fill_node is None or fill_node.op != "aten.scalar_tensor.default" or fill_node.args[0] != float("-inf"):
+            continue
+        walker.take(fill.name, "aten.scalar_tensor.default")
+        walker.taken.append(i)
+        return {"block": block, "mask_id": mask_id, "masked": masked, "confidence": confidence.name,
+                "filled": where.outputs[0]}
+    return None
+
+
+def _match_write_back(walker: Walker, accept: str, block: str) -> dict | None:
+    """block.copy_(where(accept, token, block))."""
+    where = walker.sole_user(accept, "aten.where.self")
+    if where is None or getattr(where[1].args[2], "name", None) != block:
+        return None
+    token = getattr(where[1].args[1], "name", None)
+    copy = walker.sole_user(where[1].outputs[0], "aten.copy_.default")
+    if token is None or copy is None or getattr(copy[1].args[0], "name", None) != block:
+        return None
+    walker.taken += [where[0], copy[0]]
+    return {"token": token, "block_out": copy[1].outputs[0]}
+
+
+def _match_threshold_select(walker: Walker, eq_index: int) -> dict | None:
+    g = walker.graph
+    fill = _match_masked_fill(walker, eq_index)
+    if fill is None:
+        return None
+    filled = fill["filled"]
+    users = walker.users(filled)
+    ops = {g.nodes[i].op: i for i in users}
+    if len(users) != 3 or set(ops) - {"aten.amax.default", "aten.ge.Scalar", "aten.ge.Tensor", "aten.eq.Tensor"}:
+        return None
+    amax, eq = g.nodes[ops.get("aten.amax.default", -1)], ops.get("aten.eq.Tensor")
+    ge = ops.get("aten.ge.Scalar", ops.get("aten.ge.Tensor"))
+    if "aten.amax.default" not in ops or eq is None or ge is None:
+        return None
+    if not last_dim(amax.args[1], 2) or not (len(amax.args) > 2 and amax.args[2]):
+        return None
+    row_best = amax.outputs[0]
+    if getattr(walker.other_operand(g.nodes[eq], filled), "name", None) != row_best:
+        return None
+    ge_node = g.nodes[ge]
+    if getattr(ge_node.args[0], "name", None) != filled:
+        return None
+    threshold = ge_node.args[1]
+    threshold_input = None
+    if ge_node.op == "aten.ge.Tensor":
+        threshold_input = threshold.name
+        if walker.shape(threshold_input) != () or not walker.dtype(threshold_input).is_floating_point:
+            return None
+    elif not is_scalar(threshold):
+        return None
+    walker.taken += [ops["aten.amax.default"], eq, ge]
+    either = walker.sole_user(ge_node.outputs[0], ("aten.bitwise_or.Tensor", "aten.logical_or.default"))
+    if either is None or getattr(walker.other_operand(either[1], ge_node.outputs[0]), "name", None) \
+            != g.nodes[eq].outputs[0]:
+        return None
+    walker.taken.append(either[0])
+    both = walker.sole_user(either[1].outputs[0], ("aten.bitwise_and.Tensor", "aten.logical_and.default"))
+    if both is None or getattr(walker.other_operand(both[1], either[1].outputs[0]), "name", None) != fill["masked"]:
+        return None
+    walker.taken.append(both[0])
+    accept = both[1].outputs[0]
+    back = _match_write_back(walker, accept, fill["block"])
+    if back is None:
+        return None
+    return {**fill, **back, "accept": accept, "threshold": threshold, "threshold_input": threshold_input}
+
+
+def _match_topk_select(walker: Walker, eq_index: int) -> dict | None:
+    g = walker.graph
+    fill = _match_masked_fill(walker, eq_index)
+    if fill is None:
+        return None
+    sort = walker.sole_user(fill["filled"], "aten.sort.stable")
+    if sort is None or sort[1].kwargs.get("stable") is not True or sort[1].kwargs.get("descending") is not True:
+        return None
+    if not last_dim(sort[1].kwargs.get("dim", -1), 2):
+        return None
+    walker.taken.append(sort[0])
+    order = sort[1].outputs[1]
+    users = walker.users(order)
+    scatter = [i for i in users if g.nodes[i].op == "aten.scatter_.src"]
+    empty = [i for i in users if g.nodes[i].op == "aten.empty_like.default"]
+    if len(scatter) != 1 or len(empty) != 1 or len(users) != 2:
+        return None
+    node = g.nodes[scatter[0]]
+    if not last_dim(node.args[1], 2) or getattr(node.args[2], "name", None) != order:
+        return None
+    # scatter_ destination: empty_like(order) (possibly through detach); source: arange expanded
+    buffer = node.args[0].name
+    while walker.node(buffer) is not None and walker.node(buffer).op == "aten.detach.default":
+        walker.take(buffer, "aten.detach.default")
+        buffer = walker.node(buffer).inputs[0]
+    if walker.graph.producer(buffer) != empty[0]:
+        return None
+    walker.taken += [empty[0], scatter[0]]
+    source = node.args[3].name
+    expand = walker.take(source, "aten.expand.default")
+    if expand is None:
+        return None
+    source = expand.inputs[0]
+    while walker.node(source) is not None and walker.node(source).op == "aten.detach.default":
+        walker.take(source, "aten.detach.default")
+        source = walker.node(source).inputs[0]
+    arange = walker.take(source, "aten.arange.default")
+    if arange is None or arange.args[0] != walker.shape(fill["filled"])[-1]:
+        return None
+    rank = node.outputs[0]
+    less = walker.sole_user(rank, "aten.lt.Tensor")
+    if less is None or getattr(less[1].args[0], "name", None) != rank:
+        return None
+    k_row = walker.take(less[1].args[1].name, "aten.unsqueeze.default")
+    if k_row is None or k_row.args[1] not in (-1, 1):
+        return None
+    k = k_row.inputs[0]
+    if walker.shape(k) != walker.shape(fill["block"])[:1] or walker.dtype(k) not in (torch.int64, torch.int32):
+        return None
+    walker.taken.append(less[0])
+    both = walker.sole_user(less[1].outputs[0], ("aten.bitwise_and.Tensor", "aten.logical_and.default"))
+    if both is None or getattr(walker.other_operand(both[1], less[1].outputs[0]), "name", None) != fill["masked"]:
+        return None
+    walker.taken.append(both[0])
+    accept = both[1].outputs[0]
+    back = _match_write_back(walker, accept, fill["block"])
+    if back is None:
+        return None
+    return {**fill, **back, "accept": accept, "k": k}
+
+
+def _select_candidates(graph, matcher) -> list[tuple[Walker, dict]]:
+    found = []
+    for i, node in enumerate(graph.nodes):
+        if node.op == "aten.eq.Scalar":
+            walker = Walker(graph)
+            hit = matcher(walker, i)
+            if hit and walker.closed([hit["accept"], hit["block_out"]]):
+                found.append((walker, hit))
+    return found
+
+
+def _select_outputs(walker: Walker, hit: dict) -> tuple[str, str]:
+    return hit["accept"], hit["block_out"]
+
+
+def _with_confidence(graph, walker: Walker, hit: dict) -> tuple[Walker, dict] | None:
+    """Extend a selection match backwards over the token_confidence that feeds it."""
+    producer = graph.producer(hit["confidence"])
+    if producer is None or graph.nodes[producer].op != "aten.max.dim":
+        return None
+    if graph.nodes[producer].outputs != (hit["confidence"], hit["token"]):
+        return None
+    softmax = graph.producer(graph.nodes[producer].inputs[0])
+    if softmax is None:
+        return None
+    joint = Walker(graph)
+    joint.taken = list(walker.taken)
+    conf = _match_token_confidence(joint, softmax)
+    if conf is None or not joint.closed([hit["accept"], hit["block_out"]]):
+        return None
+    return joint, conf
+
+
+def _mask_params(hit: dict) -> dict:
+    return {"mask_id": hit["mask_id"]}
+
+
+class TokenConfidencePattern(Pattern):
+    name = "token_confidence"
+    priority = 10
+
+    def match(self, graph):
+        matches = []
+        for i, node in enumerate(graph.nodes):
+            if node.op == "aten._softmax.default":
+                walker = Walker(graph)
+                hit = _match_token_confidence(walker, i)
+                if hit and walker.closed([hit["confidence"], hit["token"]]):
+                    matches.append(walker.match(self.name, (hit["logits"],), (hit["confidence"], hit["token"])))
+        return no_overlap(matches)
+
+    def reference(self, logits):
+        return token_confidence(logits)
+
+    def kernel(self, logits):
+        return fused_token_confidence(logits)
+
+    def bytes_moved(self, logits):
+        return token_confidence_bytes(logits)
+
+
+def _fresh_seed(device: torch.device) -> torch.Tensor:
+    """A seed drawn on the device from torch's generator: honours torch.manual_seed, differs per
+    call, and is captured correctly by CUDA graphs (no host round trip)."""
+    return torch.randint(0, 2**62, (), device=device, dtype=torch.int64)
+
+
+class SampledTokenConfidencePattern(Pattern):
+    """token_confidence at temperature > 0; the exponential race is drawn in-kernel (tl.rand) from a
+    seed drawn with torch's generator, so tokens follow the same distribution, not the same bits."""
+
+    name = "sampled_token_confidence"
+    priority = 10
+    stochastic = True  # kernel and reference draw different noise: compare distributions, not values
+
+    def match(self, graph):
+        matches = []
+        for i, node in enumerate(graph.nodes):
+            if node.op == "aten.exponential_.default":
+                walker = Walker(graph)
+                hit = _match_sampled_confidence(walker, i)
+                if hit and walker.closed([hit["confidence"], hit["token"]]):
+                    matches.append(walker.match(self.name, (hit["logits"],), (hit["confidence"], hit["token"]),
+                                                temperature=hit["temperature"]))
+        return no_overlap(matches)
+
+    def reference(self, logits, temperature):
+        return token_confidence(logits, temperature)
+
+    def kernel(self, logits, temperature):
+        return fused_token_confidence(logits, temperature, seed=_fresh_seed(logits.device))
+
+    def bytes_moved(self, logits, temperature=1.0):
+        return token_confidence_bytes(logits)
+
+
+def _threshold_call(fn, inputs, mask_id, threshold):
+    """inputs end with the threshold tensor when the graph compared against one."""
+    if threshold is None:
+        *tensors, threshold = inputs
+    else:
+        tensors = inputs
+    return fn(*tensors, mask_id, threshold)
+
+
+class ThresholdSelectPattern(Pattern):
+    name = "threshold_select"
+    priority = 10
+
+    def match(self, graph):
+        matches = []
+        for walker, hit in _select_candidates(graph, _match_threshold_select):
+            inputs = (hit["confidence"], hit["token"], hit["block"])
+            params = _mask_params(hit)
+            if hit["threshold_input"] is not None:
+                inputs += (hit["threshold_input"],)
+            else:
+                params["threshold"] = hit["threshold"]
+            matches.append(walker.match(self.name, inputs, _select_outputs(walker, hit), **params))
+        return no_overlap(matches)
+
+    def reference(self, confidence, token, block, *threshold_tensor, mask_id, threshold=None):
+        accept = _threshold_call(threshold_select, (confidence, token, block, *threshold_tensor), mask_id, threshold)
+        return accept, block
+
+    def kernel(self, confidence, token, block, *threshold_tensor, mask_id, threshold=None):
+        accept = _threshold_call(fused_threshold_select, (confidence, token, block, *threshold_tensor), mask_id,
+                                 threshold)
+        return accept, block
+
+    def bytes_moved(self, confidence, token, block, *_, **__):
+        return select_bytes(confidence, token, block)
+
+
+class TopKSelectPattern(Pattern):
+    name = "topk_select"
+    priority = 10
+
+    def match(self, graph):
+        matches = []
+        for walker, hit in _select_candidates(graph, _match_topk_select):
+            inputs = (hit["confidence"], hit["token"], hit["block"], hit["k"])
+            matches.append(walker.match(self.name, inputs, _select_outputs(walker, hit), **_mask_params(hit)))
+        return no_overlap(matches)
+
+    def reference(self, confidence, token, block, k, mask_id):
+        return topk_select(confidence, token, block, mask_id, k), block
+
+    def kernel(self, confidence, token, block, k, mask_id):
+        return fused_topk_select(confidence, token, block, mask_id, k), block
+
+    def bytes_moved(self, confidence, token, block, k, **_):
+        return select_bytes(confidence, token, block)
+
+
+class ConfidenceThresholdSelectPattern(Pattern):
+    name = "confidence_threshold_select"
+    priority = 40
+
+    def match(self, graph):
+        matches = []
+        for walker, hit in _select_candidates(graph, _match_threshold_select):
+            joined = _with_confidence(graph, walker, hit)
+            if joined is None:
+                continue
+            joint, conf = joined
+            inputs = (conf["logits"], hit["block"])
+            params = _mask_params(hit)
+            if hit["threshold_input"] is not None:
+                inputs += (hit["threshold_input"],)
+            else:
+                params["threshold"] = hit["threshold"]
+            matches.append(joint.match(self.name, inputs, _select_outputs(joint, hit), **params))
+        return no_overlap(matches)
+
+    def reference(self, logits, block, *threshold_tensor, mask_id, threshold=None):
+        confidence, token = token_confidence(logits)
+        accept = _threshold_call(threshold_select, (confidence, token, block, *threshold_tensor), mask_id, threshold)
+        return accept, block
+
+    def kernel(self, logits, block, *threshold_tensor, mask_id, threshold=None):
+        accept = _threshold_call(confidence_threshold_select, (logits, block, *threshold_tensor), mask_id, threshold)
+        return accept, block
+
+    def bytes_moved(self, logits, block, *_, **__):
+        return confidence_select_bytes(logits, block)
+
+
+class ConfidenceTopKSelectPattern(Pattern):
+    name = "confidence_topk_select"
+    priority = 40
+
+    def match(self, graph):
+        matches = []
+        for walker, hit in _select_candidates(graph, _match_topk_select):
+            joined = _with_confidence(graph, walker, hit)
+            if joined is None:
+                continue
+            joint, conf = joined
+            matches.append(joint.match(self.name, (conf["logits"], hit["block"], hit["k"]),
+                                       _select_outputs(joint, hit), **_mask_params(hit)))
+        return no_overlap(matches)
+
+    def reference(self, logits, block, k, mask_id):
+        confidence, token = token_confidence(logits)
+        return topk_select(confidence, token, block, mask_id, k), block
+
+    def kernel(self, logits, block, k, mask_id):
+        return confidence_topk_select(logits, block, mask_id, k), block
+
+    def bytes_moved(self, logits, block, k, **_):
+        return confidence_select_bytes(logits, block)
+
+
+for _pattern in (ConfidenceThresholdSelectPattern, ConfidenceTopKSelectPattern, TokenConfidencePattern,
+                 SampledTokenConfidencePattern,
+                 ThresholdSelectPattern, TopKSelectPattern):
+    register(_pattern())

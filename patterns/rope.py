@@ -15,3 +15,265 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, R]: broadcast over heads
     out = torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
     return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused kernel: one program per (b, t) position and block of heads, so cos/sin [R] are read once
+# and broadcast over heads. Each head row is loaded as three contiguous pieces, x1 = x[:R/2],
+# x2 = x[R/2:R] and the pass-through x[R:], so every load and store is a wide vector access and
+# the rotate-half partner needs no second load. With NORM the per-head RMSNorm of qk_norm runs first
+# on the row already in registers (qk_norm_rope: one read and one write of q/k instead of two each).
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from difuse.patterns._rows import check_float, check_runtime_device, check_same_device, next_pow2, row_num_warps  # noqa: E402
+
+
+@triton.jit
+def _norm_rope_kernel(
+    x_ptr, x_sb, x_st, x_sh,  # [B, T, H, D], unit stride in D
+    w_ptr,  # norm weight [D] (read only when NORM)
+    cos_ptr, sin_ptr, cs_sb, cs_st,  # [B or 1, T, R] fp32, unit stride in R
+    y_ptr,  # contiguous [B, T, H, D]
+    T, H, D, half, eps,  # half = R / 2
+    NORM: tl.constexpr,
+    HAS_PASS: tl.constexpr,  # R < D
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
+):
+    pos = tl.program_id(0)
+    b = (pos // T).to(tl.int64)
+    t = (pos % T).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_ok = (heads < H)[:, None]
+    rot = tl.arange(0, BLOCK_HALF)
+    rot_mask = head_ok & (rot < half)[None, :]
+    rot_cols = rot[None, :]
+    row = x_ptr + b * x_sb + t * x_st + heads.to(tl.int64)[:, None] * x_sh
+    out_row = y_ptr + ((b * T + t) * H + heads.to(tl.int64)[:, None]) * D
+    x1 = tl.load(row + rot_cols, mask=rot_mask, other=0.0).to(tl.float32)
+    x2 = tl.load(row + half + rot_cols, mask=rot_mask, other=0.0).to(tl.float32)
+    if HAS_PASS:
+        rest = tl.arange(0, BLOCK_PASS)[None, :]
+        rest_mask = head_ok & (rest < D - 2 * half)
+        xp = tl.load(row + 2 * half + rest, mask=rest_mask, other=0.0).to(tl.float32)
+    if NORM:
+        # qk_norm's output: rms_norm rounds `normed` to x's dtype, then weight * normed.
+        norm_ty = x_ptr.dtype.element_ty
+        out_ty = y_ptr.dtype.element_ty
+        sum_sq = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
+        if HAS_PASS:
+            sum_sq += tl.sum(xp * xp, axis=1)
+        rstd = tl.rsqrt(sum_sq / D + eps)[:, None]
+        w1 = tl.load(w_ptr + rot_cols, mask=rot_cols < half, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + half + rot_cols, mask=rot_cols < half, other=0.0).to(tl.float32)
+        x1 = ((x1 * rstd).to(norm_ty).to(tl.float32) * w1).to(out_ty).to(tl.float32)
+        x2 = ((x2 * rstd).to(norm_ty).to(tl.float32) * w2).to(out_ty).to(tl.float32)
+        if HAS_PASS:
+            wp = tl.load(w_ptr + 2 * half + rest, mask=rest < D - 2 * half, other=0.0).to(tl.float32)
+            xp = (xp * rstd).to(norm_ty).to(tl.float32) * wp
+    table = b * cs_sb + t * cs_st + rot_cols
+    table_mask = rot_cols < half
+    cos1 = tl.load(cos_ptr + table, mask=table_mask, other=0.0)
+    cos2 = tl.load(cos_ptr + half + table, mask=table_mask, other=0.0)
+    sin1 = tl.load(sin_ptr + table, mask=table_mask, other=0.0)
+    sin2 = tl.load(sin_ptr + half + table, mask=table_mask, other=0.0)
+    tl.store(out_row + rot_cols, (x1 * cos1 + -x2 * sin1).to(y_ptr.dtype.element_ty), mask=rot_mask)
+    tl.store(out_row + half + rot_cols, (x2 * cos2 + x1 * sin2).to(y_ptr.dtype.element_ty), mask=rot_mask)
+    if HAS_PASS:
+        tl.store(out_row + 2 * half + rest, xp.to(y_ptr.dtype.element_ty), mask=rest_mask)
+
+
+def launch_norm_rope(x, weight, eps, cos, sin) -> torch.Tensor:
+    """x [B, T, H, D]; weight [D] or None (no norm); cos, sin [B or 1, T, R] fp32."""
+    check_float("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be [B, T, H, D], got shape {tuple(x.shape)}")
+    B, T, H, D = x.shape
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            raise TypeError(f"{name} must be a float32 tensor")
+        if t.dim() != 3 or t.shape[0] not in (1, B) or t.shape[1] != T:
+            raise ValueError(f"{name} must be [B or 1, T, R] = [{B} or 1, {T}, R], got {tuple(t.shape)}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have the same shape")
+    R = cos.shape[-1]
+    if R % 2 or R > D:
+        raise ValueError(f"rotary dim R={R} must be even and at most head_dim D={D}")
+    out_dtype = x.dtype
+    if weight is not None:
+        check_float("weight", weight)
+        if weight.shape != (D,):
+            raise ValueError(f"norm weight must be [D] = [{D}], got {tuple(weight.shape)}")
+        out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    check_same_device(x=x, cos=cos, sin=sin, weight=weight)
+    check_runtime_device(x)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    if D > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    if R > 1 and (cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride() != sin.stride()):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    block_half, block_pass = next_pow2(R // 2), next_pow2(D - R)
+    block_h = min(next_pow2(H), max(1, 4096 // next_pow2(D)))
+    batch_stride = cos.stride(0) if cos.shape[0] > 1 else 0
+    _norm_rope_kernel[(B * T, triton.cdiv(H, block_h))](
+        x, x.stride(0), x.stride(1), x.stride(2),
+        weight.contiguous() if weight is not None else x,
+        cos, sin, batch_stride, cos.stride(1),
+        y, T, H, D, R // 2, float(eps),
+        NORM=weight is not None,
+        HAS_PASS=R < D,
+        BLOCK_H=block_h,
+        BLOCK_HALF=block_half,
+        BLOCK_PASS=block_pass,
+        num_warps=row_num_warps(block_h * (2 * block_half + (block_pass if R < D else 0))),
+    )
+    return y
+
+
+def fused_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Triton apply_rope: x [B, T, H, D] (any strides), cos/sin [B or 1, T, R] fp32."""
+    return launch_norm_rope(x, None, 0.0, cos, sin)
+
+
+def rope_bytes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> int:
+    return 2 * x.numel() * x.element_size() + 2 * cos.numel() * cos.element_size()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pattern: rope, the recorded rotate-half form of apply_rope:
+#   x_rot = x32[..., :R] (alias when R = D), x_pass = x32[..., R:]; x1, x2 = split(x_rot, R/2)
+#   out = cat(x_rot * cos[:, :, None] + cat(-x2, x1) * sin[:, :, None], x_pass), cast to x.dtype
+# with multiplies and the add in either operand order and the casts absent for fp32 x.
+
+from difuse.fusion.pattern import Pattern, register  # noqa: E402
+from difuse.patterns._match import CAST, Walker, last_dim, no_overlap  # noqa: E402
+
+_END = 2**63 - 1
+
+
+def _slice_of(walker: Walker, value: str):
+    """(source, start, end) when `value` is a last-dim, unit-step slice; alias counts as the full slice."""
+    node = walker.node(value)
+    if node is None:
+        return None
+    if node.op == "aten.alias.default":
+        return node.inputs[0], 0, _END
+    if node.op != "aten.slice.Tensor" or len(node.inputs) != 1:
+        return None
+    args = list(node.args) + [0, None, None, 1][len(node.args) - 1:]
+    _, dim, start, end, step = args[:5]
+    if step != 1 or not last_dim(dim, len(walker.shape(node.inputs[0]))):
+        return None
+    return node.inputs[0], start or 0, _END if end is None else end
+
+
+def _unsqueezed_table(walker: Walker, value) -> str | None:
+    """cos/sin [B or 1, T, R] fp32 behind `table[:, :, None, :]`."""
+    name = getattr(value, "name", None)
+    node = walker.node(name) if name else None
+    if node is None or node.op != "aten.unsqueeze.default" or node.args[1] != 2:
+        return None
+    table = node.inputs[0]
+    if len(walker.shape(table)) != 3 or walker.dtype(table) != torch.float32 or len(walker.users(name)) != 1:
+        return None
+    walker.take(name, "aten.unsqueeze.default")
+    return table
+
+
+def match_rope_at(walker: Walker, anchor: int) -> dict | None:
+    """Match apply_rope around the neg node `anchor`. Returns x (pre-cast input), cos, sin, out."""
+    g = walker.graph
+    neg = g.nodes[anchor]
+    if neg.op != "aten.neg.default":
+        return None
+    walker.taken.append(anchor)
+    split = walker.take(neg.inputs[0], "aten.split.Tensor")
+    if split is None or len(split.outputs) != 2 or split.outputs[1] != neg.inputs[0]:
+        return None
+    x1, x_rot = split.outputs[0], split.inputs[0]
+    rot_shape = walker.shape(x_rot)
+    if len(rot_shape) != 4 or rot_shape[-1] != 2 * split.args[1] or not last_dim(
+            split.args[2] if len(split.args) > 2 else 0, 4):
+        return None
+    rotated = walker.sole_user(neg.outputs[0], "aten.cat.default")
+    if rotated is None or [getattr(r, "name", None) for r in rotated[1].args[0]] != [neg.outputs[0], x1] \
+            or not last_dim(rotated[1].args[1] if len(rotated[1].args) > 1 else 0, 4):
+        return None
+    walker.taken.append(rotated[0])
+    sliced = _slice_of(walker, x_rot)
+    if sliced is not None and sliced[1] == 0:
+        x32, R = sliced[0], rot_shape[-1]
+        walker.take(x_rot, ("aten.alias.default", "aten.slice.Tensor"))
+    else:
+        x32, R = x_rot, rot_shape[-1]
+    # x_rot * cos and rotated * sin, added
+    rot_users = [i for i in walker.users(x_rot) if g.nodes[i].op == "aten.mul.Tensor"]
+    sin_user = walker.sole_user(rotated[1].outputs[0], "aten.mul.Tensor")
+    if len(rot_users) != 1 or sin_user is None:
+        return None
+    cos = _unsqueezed_table(walker, walker.other_operand(g.nodes[rot_users[0]], x_rot))
+    sin = _unsqueezed_table(walker, walker.other_operand(sin_user[1], rotated[1].outputs[0]))
+    if cos is None or sin is None or walker.shape(cos)[-1] != R or walker.shape(sin) != walker.shape(cos):
+        return None
+    walker.taken += [rot_users[0], sin_user[0]]
+    cos_term, sin_term = g.nodes[rot_users[0]].outputs[0], sin_user[1].outputs[0]
+    add = walker.sole_user(cos_term, "aten.add.Tensor")
+    if add is None or getattr(walker.other_operand(add[1], cos_term), "name", None) != sin_term:
+        return None
+    walker.taken.append(add[0])
+    out = add[1].outputs[0]
+    D = walker.shape(x32)[-1]
+    if R != D or walker.sole_user(out, "aten.cat.default"):
+        joined = walker.sole_user(out, "aten.cat.default")
+        if joined is None:
+            return None
+        parts = [getattr(r, "name", None) for r in joined[1].args[0]]
+        tail = _slice_of(walker, parts[1]) if len(parts) == 2 and parts[0] == out and parts[1] else None
+        if tail is None or tail[0] != x32 or tail[1] != R or tail[2] < D:
+            return None
+        walker.take(parts[1], "aten.slice.Tensor")
+        walker.taken.append(joined[0])
+        out = joined[1].outputs[0]
+    x = walker.uncast(x32, torch.float32)
+    if walker.dtype(x) != torch.float32:
+        cast = walker.sole_user(out, CAST)
+        if cast is None or cast[1].kwargs.get("dtype") != walker.dtype(x):
+            return None
+        walker.taken.append(cast[0])
+        out = cast[1].outputs[0]
+    return {"x": x, "cos": cos, "sin": sin, "out": out}
+
+
+def rope_anchors(graph) -> list[int]:
+    return [i for i, n in enumerate(graph.nodes) if n.op == "aten.neg.default"]
+
+
+class RoPEPattern(Pattern):
+    name = "rope"
+    priority = 10
+
+    def match(self, graph):
+        matches = []
+        for anchor in rope_anchors(graph):
+            walker = Walker(graph)
+            found = match_rope_at(walker, anchor)
+            if found and walker.closed([found["out"]]):
+                matches.append(walker.match(self.name, (found["x"], found["cos"], found["sin"]), (found["out"],)))
+        return no_overlap(matches)
+
+    def reference(self, x, cos, sin):
+        return apply_rope(x, cos, sin)
+
+    def kernel(self, x, cos, sin):
+        return fused_apply_rope(x, cos, sin)
+
+    def bytes_moved(self, x, cos, sin):
+        return rope_bytes(x, cos, sin)
+
+
+register(RoPEPattern())

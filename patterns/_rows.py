@@ -1,0 +1,101 @@
+"""Shared host-side helpers of the pattern kernels: input validation and row views.
+
+Row kernels address row r of a tensor [..., N] as (r // inner) * stride_outer + (r % inner) *
+stride_inner, so the leading dims need to collapse into at most two strided dims. That covers
+contiguous tensors and the common views (q/k/v slices of a fused QKV output, gate/up halves of a
+fused gate_up output, a [B, N, V] logits slice) without a copy. Anything else is copied once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class RowView:
+    """A tensor [..., N] seen as rows: row r starts at (r // inner) * stride_outer + (r % inner) * stride_inner."""
+
+    tensor: torch.Tensor  # the tensor whose storage the kernel reads (maybe a contiguous copy)
+    rows: int
+    inner: int
+    stride_outer: int
+    stride_inner: int
+
+
+def _collapse(sizes: list[int], strides: list[int]) -> list[tuple[int, int]]:
+    """Merge adjacent dims whose strides nest ((size, stride) pairs, outermost first)."""
+    dims: list[tuple[int, int]] = []
+    for size, stride in zip(sizes, strides):
+        if size == 1:
+            continue
+        if dims and dims[-1][1] == size * stride:
+            dims[-1] = (dims[-1][0] * size, stride)
+        else:
+            dims.append((size, stride))
+    return dims
+
+
+def row_view(t: torch.Tensor) -> RowView:
+    """View t [..., N] (unit stride in the last dim) as up to two strided row dims, copying only if needed."""
+    if t.dim() == 0:
+        raise ValueError("expected a tensor with at least one dimension, got a scalar")
+    rows = t.numel() // t.shape[-1] if t.shape[-1] else 0
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    dims = _collapse(list(t.shape[:-1]), list(t.stride()[:-1]))
+    if len(dims) > 2:
+        t = t.contiguous()
+        dims = _collapse(list(t.shape[:-1]), list(t.stride()[:-1]))
+    if not dims:
+        return RowView(t, rows, 1, 0, 0)
+    if len(dims) == 1:
+        return RowView(t, rows, 1, dims[0][1], 0)
+    (_, outer_stride), (inner, inner_stride) = dims
+    return RowView(t, rows, inner, outer_stride, inner_stride)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def check_runtime_device(t: torch.Tensor) -> None:
+    """Triton runs on CUDA, or on CPU under the interpreter (TRITON_INTERPRET=1)."""
+    import os
+
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    raise ValueError(
+        f"fused kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got a tensor on {t.device}"
+    )
+
+
+def row_num_warps(block_elements: int) -> int:
+    """Warps for a program holding `block_elements` values: about 8-16 values per thread."""
+    return max(1, min(16, block_elements // 512))
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the device (an H100's 132 under the CPU interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
