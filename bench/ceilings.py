@@ -1,0 +1,81 @@
+"""Timing and the two device ceilings every step number is compared with, measured in the same
+run: device-to-device copy bandwidth (bytes read + bytes written per second) and the dense matmul
+rate at the model dtype.
+
+`time_calls` times each call separately (CUDA events on the GPU, the host clock on the CPU) after
+warm-up, running `before` ahead of every call outside the timed region.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(call: Callable[[], object], device: torch.device, warmup: int, iters: int,
+               before: Callable[[], object] | None = None) -> list[float]:
+    """Milliseconds of each of `iters` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        if before is not None:
+            before()
+        call()
+    synchronize(device)
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        for start, end in zip(starts, ends):
+            if before is not None:
+                before()
+            start.record()
+            call()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) for start, end in zip(starts, ends)]
+    times = []
+    for _ in range(iters):
+        if before is not None:
+            before()
+        begin = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - begin) * 1e3)
+    return times
+
+
+def summary(times_ms: list[float]) -> dict:
+    ordered = sorted(times_ms)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"median_ms": statistics.median(ordered), "p10_ms": pick(0.1), "p90_ms": pick(0.9), "samples": len(ordered)}
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, iters: int) -> float:
+    """Bytes per second of `dst.copy_(src)` over `nbytes` of random data, counting read + write."""
+    source = torch.randn(nbytes // 4, device=device)
+    target = torch.empty_like(source)
+    median_ms = statistics.median(time_calls(lambda: target.copy_(source), device, warmup=3, iters=iters))
+    return 2 * source.numel() * source.element_size() / (median_ms / 1e3)
+
+
+def matmul_rate(device: torch.device, size: int, dtype: torch.dtype, iters: int) -> float:
+    """FLOP/s of a size^3 matmul on random inputs (2 * size^3 FLOPs per product)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    median_ms = statistics.median(time_calls(lambda: torch.matmul(a, b, out=out), device, warmup=3, iters=iters))
+    return 2 * size**3 / (median_ms / 1e3)
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype, quick: bool) -> dict:
+    copy_bytes, matmul_size, iters = (1 << 24, 256, 5) if quick else (1 << 31, 8192, 20)
+    ceilings = {"copy_bytes": copy_bytes, "matmul_size": matmul_size, "matmul_dtype": str(dtype).removeprefix("torch."),
+                "copy_bandwidth_Bps": copy_bandwidth(device, copy_bytes, iters),
+                "matmul_flops": matmul_rate(device, matmul_size, dtype, iters)}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the copy and matmul buffers are gone: give the model their memory
+    return ceilings
