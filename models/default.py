@@ -9,9 +9,12 @@ BUILTIN_FOLDER = Path(__file__).resolve().parent / "builtin"
 GENERATION_KEYS = ("gen_length", "block_length", "steps")
 
 
-def default_model_path() -> Path | None:
-    """models/builtin/ when it holds a checkpoint, else None. It loads like any LLaDA checkpoint."""
-    return BUILTIN_FOLDER if (BUILTIN_FOLDER / "config.json").is_file() else None
+def default_model_path() -> Path:
+    """models/builtin/: the checkpoint used when no model is named. It loads like any LLaDA checkpoint."""
+    if not (BUILTIN_FOLDER / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the built-in model is missing from {BUILTIN_FOLDER}: reinstall difuse, "
+                                "or name a checkpoint folder")
+    return BUILTIN_FOLDER
 
 
 def generation_defaults(path: str | Path) -> dict[str, int]:

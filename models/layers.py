@@ -54,13 +54,14 @@ def attention(q, k, v, layer_index: int, cache, attention_bias):
     With a cache, `cache.update(layer_index, k, v)` stores this step's keys/values and returns
     the keys/values to attend over ([B, Hkv, S, D]) with an additive float bias of at least two
     dims broadcastable to [B, Hq, T, S], e.g. [B, 1, 1, S] for valid lengths (or None). Without
-    one, the T tokens attend to each other under `attention_bias` (None: fully bidirectional)."""
+    one, the T tokens attend to each other under `attention_bias`: an additive float bias or a bool
+    mask (True: may attend), None for fully bidirectional."""
     if cache is not None:
         if attention_bias is not None:
             raise ValueError("pass the attention bias through the cache when a cache is used")
         k, v, attention_bias = cache.update(layer_index, k, v)
-    if attention_bias is not None and attention_bias.dtype != q.dtype:
-        attention_bias = attention_bias.to(q.dtype)  # some SDPA kernels want the query dtype
+    if attention_bias is not None and attention_bias.is_floating_point() and attention_bias.dtype != q.dtype:
+        attention_bias = attention_bias.to(q.dtype)  # some SDPA kernels want the query dtype; a bool mask stays bool
     grouped = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attention_bias, is_causal=False, enable_gqa=grouped

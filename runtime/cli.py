@@ -22,8 +22,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--prompt", required=True, action="append",
                          help="prompt text; repeat the option for a batch")
         sub.add_argument("--no-chat", action="store_true", help="encode the prompt without the chat template")
-        sub.add_argument("--gen-length", type=int, default=64)
-        sub.add_argument("--block-length", type=int, default=32)
+        sub.add_argument("--gen-length", type=int, help="default: the model's generation_config.json, else 64")
+        sub.add_argument("--block-length", type=int, help="default: the model's generation_config.json, else 32")
         sub.add_argument("--steps", type=int, help="steps of the fixed/random schedule")
         sub.add_argument("--decoder", choices=DECODERS, default="threshold")
         sub.add_argument("--threshold", type=float, default=0.9)
@@ -50,8 +50,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args) -> GenerationConfig:
+    from difuse.models import default_model_path, generation_defaults
+
+    # Lengths the checkpoint was trained for fill in what the user left open.
+    trained = generation_defaults(args.model or default_model_path())
+    gen_length = args.gen_length or trained.get("gen_length", 64)
+    block_length = args.block_length or trained.get("block_length", min(32, gen_length))
+    steps = args.steps or (trained.get("steps") if args.decoder in ("fixed", "random") else None)
     return GenerationConfig(
-        gen_length=args.gen_length, block_length=args.block_length, decoder=args.decoder, steps=args.steps,
+        gen_length=gen_length, block_length=block_length, decoder=args.decoder, steps=steps,
         threshold=args.threshold, low_threshold=args.low_threshold, temperature=args.temperature,
         cache=args.cache, iteration=args.iteration, unroll=args.unroll, early_stop=not args.no_early_stop,
         seed=args.seed)

@@ -73,10 +73,9 @@ class Engine:
                         expert_parallel: int = 1) -> "Engine":
         """tensor_parallel / expert_parallel: 1 or the number of processes torchrun started (each
         process then holds its shard of the model and all of them generate the same tokens)."""
-        from difuse.models import load_model, load_tokenizer
-        from difuse.runtime.builtin import builtin_model_path
+        from difuse.models import default_model_path, load_model, load_tokenizer
 
-        path = path if path is not None else builtin_model_path()
+        path = path if path is not None else default_model_path()
         dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
         # --- tensor / expert parallelism (models/parallel.py) ---
         parallel = None

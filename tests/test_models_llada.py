@@ -121,6 +121,21 @@ def test_attention_bias_masks_keys(checkpoint):
     torch.testing.assert_close(masked[:, :6], prefix_only, atol=1e-5, rtol=1e-5)
 
 
+def test_bool_attention_mask_equals_additive_bias(checkpoint):
+    model = load_model(checkpoint, "cpu", torch.float32)
+    ids = torch.randint(0, 256, (2, 7))
+    positions = torch.arange(7).expand(2, 7)
+    keep = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    keep[0, ..., :3] = False  # row 0: its first three keys are padding
+    additive = torch.zeros(2, 1, 1, 7).masked_fill(~keep, float("-inf"))
+    with torch.no_grad():
+        from_bool = model(ids, positions, attention_bias=keep)
+        from_float = model(ids, positions, attention_bias=additive)
+        unmasked = model(ids, positions)
+    torch.testing.assert_close(from_bool, from_float)
+    assert not torch.allclose(from_bool[0], unmasked[0])
+
+
 def test_inputs_embeds_and_argument_checks(checkpoint):
     model = load_model(checkpoint, "cpu", torch.float32)
     input_ids = torch.randint(0, 320, (1, 5))

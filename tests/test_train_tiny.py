@@ -138,33 +138,22 @@ def test_quality_bench_runs(trained, tmp_path):
 
 def test_default_model_path_needs_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(default, "BUILTIN_FOLDER", tmp_path)
-    assert default.default_model_path() is None
-    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="built-in model is missing"):
+        default.default_model_path()
+    (tmp_path / "model.safetensors").write_bytes(b"")
     assert default.default_model_path() == tmp_path
     assert generation_defaults(tmp_path) == {}
     (tmp_path / "generation_config.json").write_text('{"gen_length": 8, "block_length": 4, "eos_token_id": 0}')
     assert generation_defaults(tmp_path) == {"gen_length": 8, "block_length": 4}
 
 
-@pytest.mark.skipif(default.default_model_path() is None, reason="no trained built-in model in models/builtin yet")
 def test_builtin_model_solves_held_out_problems():
-    path = default.default_model_path()
-    model = load_model(path, "cpu", torch.float32)
-    batcher = arith_task.TaskBatcher(AutoTokenizer.from_pretrained(str(path)), train_tiny.GEN_LENGTH, "cpu")
+    """The shipped model, loaded by the Engine when no model is named, with the fixed schedule."""
+    from difuse.runtime import Engine, GenerationConfig
+
+    engine = Engine.from_pretrained(None, "cpu", torch.float32, enable_fusion=False)
     problems = arith_task.held_out_problems(64)
-    op, a, b = (torch.tensor(column) for column in zip(*problems))
-    prompt, valid = batcher.prompts(op, a, b)
-    generated = train_tiny.decode_fixed_schedule(model, prompt, valid, train_tiny.GEN_LENGTH, train_tiny.BLOCK_LENGTH)
-    accuracy = (generated == batcher.answers(op, a, b)).all(dim=1).float().mean().item()
-    assert accuracy >= 0.9, accuracy
-
-
-def test_engine_default_model_is_the_builtin_one(tmp_path, monkeypatch):
-    from difuse.runtime.builtin import builtin_model_path
-
-    folder = tmp_path / "builtin"
-    monkeypatch.setattr(default, "BUILTIN_FOLDER", folder)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert builtin_model_path() == str(tmp_path / "cache" / "difuse" / "tiny-llada")  # random stand-in
-    save_llada_checkpoint(train_tiny.LLaDAModel(train_tiny.model_config("test")), folder)
-    assert builtin_model_path() == str(folder)
+    config = GenerationConfig(gen_length=8, block_length=4, decoder="fixed", steps=8)
+    results = engine.generate([arith_task.question(*problem) for problem in problems], config)
+    correct = [arith_task.parse_answer(r.text) == arith_task.solution(*p) for r, p in zip(results, problems)]
+    assert sum(correct) / len(correct) >= 0.95
