@@ -101,7 +101,7 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int):
     flat = flat.masked_fill((flat < 0) | (flat >= num_experts), num_experts).long()  # E: not here
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
-    counts[num_experts] = 0  # foreign slots get no rows
+    counts[num_experts:].zero_()  # foreign slots get no rows (in place: no host value, capture-safe)
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = padded.cumsum(0)
     order = flat.argsort(stable=True)

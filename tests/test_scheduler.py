@@ -61,10 +61,10 @@ def _step_inputs(t=6):
 
 
 @pytest.mark.gpu
-def test_fused_decode_step_equals_eager(tmp_path):
-    module = TinyBlock()
+def test_fused_decode_step_equals_eager(tmp_path, device):
+    module = TinyBlock().to(device)
     step = decode_step(module)
-    h, cos, sin, positions, tokens = _step_inputs()
+    h, cos, sin, positions, tokens = (t.to(device) for t in _step_inputs())
     initial_cache = module.k_cache.clone()
     graph = record(step, h, cos, sin, positions, tokens.clone(), 1e-5, 0.05, MASK_ID)
     scheduler = FusionScheduler(FusionConfig(cache_dir=tmp_path, debug_mode=True), patterns=[])

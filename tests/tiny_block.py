@@ -25,7 +25,7 @@ class TinyBlock(torch.nn.Module):
         self.wqkv, self.wo = w(3 * HEADS * HEAD_DIM, HIDDEN), w(HIDDEN, HEADS * HEAD_DIM)
         self.w_gate, self.w_up, self.w_down = w(INTER, HIDDEN), w(INTER, HIDDEN), w(HIDDEN, INTER)
         self.lm_head = w(VOCAB, HIDDEN)
-        self.k_cache = torch.zeros(1, cache_len, HEADS, HEAD_DIM, dtype=dtype)
+        self.register_buffer("k_cache", torch.zeros(1, cache_len, HEADS, HEAD_DIM, dtype=dtype))  # moves with .to()
 
     def forward(self, h, cos, sin, positions, eps: float):
         b, t, _ = h.shape
