@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"difuse: error: {error}", file=sys.stderr)
         return 2
-    if _distributed_rank() > 0:  # every rank generated the same tokens; rank 0 alone prints them
+    if _leave_process_group() > 0:  # every rank generated the same tokens; rank 0 alone prints them
         return 0
     if args.command == "report":
         return _report(engine, args)
@@ -102,10 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _distributed_rank() -> int:
+def _leave_process_group() -> int:
+    """This process's rank; the process group is torn down first, after a barrier, because a gloo
+    group still alive at interpreter exit can abort the process."""
     import torch.distributed as dist
 
-    return dist.get_rank() if dist.is_initialized() else 0
+    if not dist.is_initialized():
+        return 0
+    rank = dist.get_rank()
+    dist.barrier()
+    dist.destroy_process_group()
+    return rank
 
 
 def _report(engine, args) -> int:
