@@ -12,7 +12,6 @@ copies to exceed the L2 cache, so neither candidate is timed on L2-resident data
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import statistics
@@ -25,6 +24,7 @@ import torch
 
 from .cache import KernelCache
 from .config import FusionConfig
+from .cuda_graphs import capture_graph
 from .ir import SubGraph
 
 log = logging.getLogger("difuse.fusion")
@@ -77,21 +77,13 @@ def time_in_cuda_graph(calls: list[Callable[[], object]], min_calls: int = 32, r
         for call in calls:
             call()
     torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
     n = len(calls) * math.ceil(min_calls / len(calls))
-    graph = torch.cuda.CUDAGraph()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # (torch.cuda.graph would leave its stream current if capture failed)
-        graph.capture_begin()
-        try:
-            for k in range(n):
-                calls[k % len(calls)]()
-        except Exception:
-            with contextlib.suppress(RuntimeError):  # the capture is invalid now; the first error says why
-                graph.capture_end()
-            raise
-        graph.capture_end()
-    torch.cuda.current_stream().wait_stream(side)
+
+    def launch_all():
+        for k in range(n):
+            calls[k % len(calls)]()
+
+    graph = capture_graph(launch_all)
     graph.replay()
     samples = []
     for _ in range(replays):

@@ -5,13 +5,15 @@ Lifecycle on CUDA: the first calls are real steps run on a side stream (warm-up:
 init, and with fusion the recording plus one dispatch, so kernel compilation, autotuning and
 the fusion profile decisions all happen outside capture); the next call captures the step and
 replays it; later calls only replay. A failed capture is logged with its reason and
-the runner keeps running the step without a graph.
+the runner keeps running the step without a graph (capture_graph leaves streams, allocator and
+the RNG usable after the failure).
 """
 from __future__ import annotations
 
 import logging
 
 import torch
+from difuse.fusion.cuda_graphs import capture_graph
 
 log = logging.getLogger("difuse.runtime")
 
@@ -62,10 +64,8 @@ class StepRunner:
         torch.cuda.current_stream().wait_stream(side)
 
     def _capture(self):
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.graph_pool):
-                self._run()
+            graph = capture_graph(self._run, pool=self.graph_pool)
         except Exception as error:  # noqa: BLE001 - any capture failure falls back to eager replay
             self.capture_error = f"{type(error).__name__}: {error}"
             log.warning("CUDA graph capture of step %s failed, running it without a graph: %s",
