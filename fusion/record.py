@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .ir import OpNode, Ref, ScalarArg, SubGraph, ValueMeta
 
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 _HOST_SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
                   torch.ops.aten.masked_select.default, torch.ops.aten.unique_consecutive.default}
 
@@ -76,6 +77,13 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func.namespace == "prim":  # metadata queries (device, layout): nothing to replay
             return func(*args, **kwargs)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE):
+            # Under inference_mode composite ops (aten.to, softmax.int, __or__) arrive undecomposed;
+            # decomposing them here records the same graph as under no_grad, so patterns match.
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         if func in _HOST_SYNC_OPS:
             raise RecordingError(
                 f"{func} reads device data on the host (.item(), bool(tensor), nonzero, ...): a "

@@ -104,3 +104,23 @@ def test_mutation_of_input_through_a_view_replays():
     out = graph.execute(buf, x)
     assert torch.equal(buf, torch.tensor([[0.0, 1, 1, 1]] * 2)) and torch.equal(out, torch.full((2,), 3.0))
     assert any(n.mutates for n in graph.nodes)
+
+
+def test_inference_mode_records_the_same_ops_as_no_grad():
+    """Composite ops reach the recorder undecomposed under inference_mode; it decomposes them."""
+    from difuse.patterns.confidence import threshold_select, token_confidence
+    from difuse.patterns.rms_norm import rms_norm
+
+    def step(x, w, block):
+        confidence, token = token_confidence(rms_norm(x, w, 1e-6).to(torch.bfloat16))
+        threshold_select(confidence, token, block, 3, 0.5)
+        return confidence
+
+    x, w = torch.randn(2, 4, 16), torch.randn(16)
+    block = torch.full((2, 4), 3)
+    with torch.no_grad():
+        plain = [node.op for node in record(step, x, w, block.clone()).nodes]
+    with torch.inference_mode():
+        inference = [node.op for node in record(step, x, w, block.clone()).nodes]
+    assert inference == plain
+    assert "aten.to.dtype" not in inference and "aten._softmax.default" in inference
