@@ -36,7 +36,6 @@ from difuse.patterns._rows import (  # noqa: E402
     check_runtime_device,
     check_same_device,
     next_pow2,
-    row_num_warps,
     sm_count,
     tensor_key,
 )
@@ -138,9 +137,11 @@ def _plan_norm_rope(x, weight, cos, sin) -> tuple:
     block_h = min(next_pow2(H), max(1, 4096 // next_pow2(D)))
     head_tiles = cdiv(H, block_h)
     row_elements = block_h * (2 * block_half + (block_pass if R < D else 0))
-    # Up to ~8K values (16 KB of bf16) per program in one tile, while keeping >= 8 programs per SM.
+    # At least ~4K values (8 KB of bf16) per program in one tile while >= 8 programs per SM remain,
+    # ~32 values per thread: at 4096x32x128 bf16 a program of 4 warps takes ~70 registers (ptxas),
+    # so 7 programs (56 KB of loads in flight) fit on an SM.
     block_pos = 1
-    while block_pos * row_elements < 8192 and cdiv(B * T, 2 * block_pos) * head_tiles >= 8 * sm_count(x.device):
+    while block_pos * row_elements < 4096 and cdiv(B * T, 2 * block_pos) * head_tiles >= 8 * sm_count(x.device):
         block_pos *= 2
     launch = dict(
         x_copy=x_copy, rope_copy=rope_copy, weight_copy=weight is not None and not weight.is_contiguous(),
@@ -149,7 +150,7 @@ def _plan_norm_rope(x, weight, cos, sin) -> tuple:
         sizes=(T, H, D, R // 2), n_pos=B * T,
         constants=dict(NORM=weight is not None, HAS_PASS=R < D, BLOCK_POS=block_pos, BLOCK_H=block_h,
                        BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
-                       num_warps=min(8, row_num_warps(block_pos * row_elements))),
+                       num_warps=max(1, min(8, block_pos * row_elements // 1024))),
     )
     return out_dtype, launch
 
