@@ -18,11 +18,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused kernel: one program per (b, t) position and block of heads, so cos/sin [R] are read once
-# and broadcast over heads. Each head row is loaded as three contiguous pieces, x1 = x[:R/2],
-# x2 = x[R/2:R] and the pass-through x[R:], so every load and store is a wide vector access and
-# the rotate-half partner needs no second load. With NORM the per-head RMSNorm of qk_norm runs first
-# on the row already in registers (qk_norm_rope: one read and one write of q/k instead of two each).
+# Fused kernel: one program per block of consecutive (b, t) positions and block of heads, held as one
+# [positions, heads, features] tile so every load of the program is issued before any store (no
+# per-position control flow serialising them); cos/sin [R] are read once per position and broadcast
+# over heads. Each head row is loaded as three contiguous pieces, x1 = x[:R/2], x2 = x[R/2:R] and the
+# pass-through x[R:], so every load and store is a wide vector access and the rotate-half partner
+# needs no second load. With NORM the per-head RMSNorm of qk_norm runs first on the row already in
+# registers (qk_norm_rope: one read and one write of q/k instead of two each).
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -34,7 +36,6 @@ from difuse.patterns._rows import (  # noqa: E402
     check_runtime_device,
     check_same_device,
     next_pow2,
-    row_num_warps,
     sm_count,
     tensor_key,
 )
@@ -50,61 +51,54 @@ def _norm_rope_kernel(
     n_pos,  # B * T
     NORM: tl.constexpr,
     HAS_PASS: tl.constexpr,  # R < D
+    BLOCK_POS: tl.constexpr,  # consecutive positions per program, one tile: all their loads issue together
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
-    POSITIONS: tl.constexpr,  # consecutive positions per program (unrolled: their loads overlap)
 ):
-    for i in tl.static_range(POSITIONS):
-        pos = tl.program_id(0) * POSITIONS + i
-        if pos < n_pos:
-            _norm_rope_position(pos, x_ptr, x_sb, x_st, x_sh, w_ptr, cos_ptr, sin_ptr, cs_sb, cs_st, y_ptr,
-                                T, H, D, half, eps, NORM, HAS_PASS, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
-
-
-@triton.jit
-def _norm_rope_position(pos, x_ptr, x_sb, x_st, x_sh, w_ptr, cos_ptr, sin_ptr, cs_sb, cs_st, y_ptr,
-                        T, H, D, half, eps, NORM: tl.constexpr, HAS_PASS: tl.constexpr,
-                        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
-    """Heads tile program_id(1) of one (b, t) position."""
-    b = (pos // T).to(tl.int64)
-    t = (pos % T).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    head_ok = (heads < H)[:, None]
-    rot = tl.arange(0, BLOCK_HALF)
-    rot_mask = head_ok & (rot < half)[None, :]
-    rot_cols = rot[None, :]
-    row = x_ptr + b * x_sb + t * x_st + heads.to(tl.int64)[:, None] * x_sh
-    out_row = y_ptr + ((b * T + t) * H + heads.to(tl.int64)[:, None]) * D
-    x1 = tl.load(row + rot_cols, mask=rot_mask, other=0.0).to(tl.float32)
-    x2 = tl.load(row + half + rot_cols, mask=rot_mask, other=0.0).to(tl.float32)
+    """A [BLOCK_POS, BLOCK_H, features] tile: positions x heads tile program_id(1) x head features."""
+    pos = tl.program_id(0) * BLOCK_POS + tl.arange(0, BLOCK_POS)
+    pos_ok = pos < n_pos
+    b = (pos // T).to(tl.int64)[:, None, None]  # [P, 1, 1]
+    t = (pos % T).to(tl.int64)[:, None, None]
+    heads = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]  # [1, H, 1]
+    row_ok = pos_ok[:, None, None] & (heads < H)  # [P, H, 1]
+    cols = tl.arange(0, BLOCK_HALF)[None, None, :]  # [1, 1, HALF]
+    col_ok = cols < half
+    rot_mask = row_ok & col_ok
+    row = x_ptr + b * x_sb + t * x_st + heads.to(tl.int64) * x_sh
+    out_row = y_ptr + ((b * T + t) * H + heads.to(tl.int64)) * D
+    x1 = tl.load(row + cols, mask=rot_mask, other=0.0).to(tl.float32)
+    x2 = tl.load(row + half + cols, mask=rot_mask, other=0.0).to(tl.float32)
     if HAS_PASS:
-        rest = tl.arange(0, BLOCK_PASS)[None, :]
-        rest_mask = head_ok & (rest < D - 2 * half)
+        rest = tl.arange(0, BLOCK_PASS)[None, None, :]
+        rest_mask = row_ok & (rest < D - 2 * half)
         xp = tl.load(row + 2 * half + rest, mask=rest_mask, other=0.0).to(tl.float32)
-    if NORM:
-        # qk_norm's output: rms_norm rounds `normed` to x's dtype, then weight * normed.
-        norm_ty = x_ptr.dtype.element_ty
-        out_ty = y_ptr.dtype.element_ty
-        sum_sq = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
-        if HAS_PASS:
-            sum_sq += tl.sum(xp * xp, axis=1)
-        rstd = tl.rsqrt(sum_sq / D + eps)[:, None]
-        w1 = tl.load(w_ptr + rot_cols, mask=rot_cols < half, other=0.0).to(tl.float32)
-        w2 = tl.load(w_ptr + half + rot_cols, mask=rot_cols < half, other=0.0).to(tl.float32)
-        x1 = ((x1 * rstd).to(norm_ty).to(tl.float32) * w1).to(out_ty).to(tl.float32)
-        x2 = ((x2 * rstd).to(norm_ty).to(tl.float32) * w2).to(out_ty).to(tl.float32)
-        if HAS_PASS:
-            wp = tl.load(w_ptr + 2 * half + rest, mask=rest < D - 2 * half, other=0.0).to(tl.float32)
-            xp = (xp * rstd).to(norm_ty).to(tl.float32) * wp
-    table = b * cs_sb + t * cs_st + rot_cols
-    table_mask = rot_cols < half
+    table = b * cs_sb + t * cs_st + cols  # [P, 1, HALF]: read once per position, broadcast over heads
+    table_mask = pos_ok[:, None, None] & col_ok
     cos1 = tl.load(cos_ptr + table, mask=table_mask, other=0.0)
     cos2 = tl.load(cos_ptr + half + table, mask=table_mask, other=0.0)
     sin1 = tl.load(sin_ptr + table, mask=table_mask, other=0.0)
     sin2 = tl.load(sin_ptr + half + table, mask=table_mask, other=0.0)
-    tl.store(out_row + rot_cols, (x1 * cos1 + -x2 * sin1).to(y_ptr.dtype.element_ty), mask=rot_mask)
-    tl.store(out_row + half + rot_cols, (x2 * cos2 + x1 * sin2).to(y_ptr.dtype.element_ty), mask=rot_mask)
+    if NORM:
+        # qk_norm's output: rms_norm rounds `normed` to x's dtype, then weight * normed. The weight
+        # loads issue with the tile's, not after the reduction that waits on it.
+        w1 = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + half + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if HAS_PASS:
+            wp = tl.load(w_ptr + 2 * half + rest, mask=rest < D - 2 * half, other=0.0).to(tl.float32)
+        norm_ty = x_ptr.dtype.element_ty
+        out_ty = y_ptr.dtype.element_ty
+        sum_sq = tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2)
+        if HAS_PASS:
+            sum_sq += tl.sum(xp * xp, axis=2)
+        rstd = tl.rsqrt(sum_sq / D + eps)[:, :, None]
+        x1 = ((x1 * rstd).to(norm_ty).to(tl.float32) * w1).to(out_ty).to(tl.float32)
+        x2 = ((x2 * rstd).to(norm_ty).to(tl.float32) * w2).to(out_ty).to(tl.float32)
+        if HAS_PASS:
+            xp = (xp * rstd).to(norm_ty).to(tl.float32) * wp
+    tl.store(out_row + cols, (x1 * cos1 + -x2 * sin1).to(y_ptr.dtype.element_ty), mask=rot_mask)
+    tl.store(out_row + half + cols, (x2 * cos2 + x1 * sin2).to(y_ptr.dtype.element_ty), mask=rot_mask)
     if HAS_PASS:
         tl.store(out_row + 2 * half + rest, xp.to(y_ptr.dtype.element_ty), mask=rest_mask)
 
@@ -142,16 +136,21 @@ def _plan_norm_rope(x, weight, cos, sin) -> tuple:
     block_half, block_pass = next_pow2(R // 2), next_pow2(D - R)
     block_h = min(next_pow2(H), max(1, 4096 // next_pow2(D)))
     head_tiles = cdiv(H, block_h)
-    # Past ~16 programs per SM, two positions per program halve the programs and overlap their loads.
-    positions = 2 if B * T * head_tiles >= 16 * sm_count(x.device) else 1
+    row_elements = block_h * (2 * block_half + (block_pass if R < D else 0))
+    # At least ~4K values (8 KB of bf16) per program in one tile while >= 8 programs per SM remain,
+    # ~32 values per thread: at 4096x32x128 bf16 a program of 4 warps takes ~70 registers (ptxas),
+    # so 7 programs (56 KB of loads in flight) fit on an SM.
+    block_pos = 1
+    while block_pos * row_elements < 4096 and cdiv(B * T, 2 * block_pos) * head_tiles >= 8 * sm_count(x.device):
+        block_pos *= 2
     launch = dict(
         x_copy=x_copy, rope_copy=rope_copy, weight_copy=weight is not None and not weight.is_contiguous(),
-        grid=(cdiv(B * T, positions), head_tiles), x_strides=x_strides[:3],
+        grid=(cdiv(B * T, block_pos), head_tiles), x_strides=x_strides[:3],
         rope_strides=(cos_strides[0] if cos.shape[0] > 1 else 0, cos_strides[1]),
         sizes=(T, H, D, R // 2), n_pos=B * T,
-        constants=dict(NORM=weight is not None, HAS_PASS=R < D, BLOCK_H=block_h, BLOCK_HALF=block_half,
-                       BLOCK_PASS=block_pass, POSITIONS=positions,
-                       num_warps=row_num_warps(block_h * (2 * block_half + (block_pass if R < D else 0)))),
+        constants=dict(NORM=weight is not None, HAS_PASS=R < D, BLOCK_POS=block_pos, BLOCK_H=block_h,
+                       BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
+                       num_warps=max(1, min(8, block_pos * row_elements // 1024))),
     )
     return out_dtype, launch
 

@@ -69,9 +69,9 @@ def test_rope_matcher_swapped_operands(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("norm", [False, True])
-def test_two_positions_per_program_with_an_odd_tail(device, norm, monkeypatch):
-    """Two positions per program once there are >= 16 programs per SM (a 1-SM device here keeps the
-    interpreter quick); the odd count of 17 positions leaves the last program one position."""
+def test_position_blocks_with_a_ragged_tail(device, norm, monkeypatch):
+    """Positions per program double while >= 8 programs per SM remain (a 1-SM device here keeps the
+    interpreter quick): 35 positions give 4 per program, and the last program holds only 3."""
     from difuse.patterns import rope
     from difuse.patterns.qk_norm import fused_qk_norm_rope, qk_norm_rope
 
@@ -81,8 +81,8 @@ def test_two_positions_per_program_with_an_odd_tail(device, norm, monkeypatch):
     kernel = rope._norm_rope_kernel
     monkeypatch.setattr(rope, "_norm_rope_kernel", type("Spy", (), {
         "__getitem__": lambda self, grid: launched.append(grid) or kernel[grid]})())
-    x = torch.randn(1, 17, 3, 8, device=device)
-    cos, sin = tables(1, 17, 8, device)
+    x = torch.randn(1, 35, 3, 8, device=device)
+    cos, sin = tables(1, 35, 8, device)
     if norm:
         w = torch.randn(8, device=device)
         assert_close(fused_qk_norm_rope(x, w, 1e-6, cos, sin), qk_norm_rope(x, w, 1e-6, cos, sin))
