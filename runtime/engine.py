@@ -13,6 +13,7 @@ batches of `batch_size`, which keeps padding small; results come back in the cal
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -107,6 +108,9 @@ class Engine:
     def generate(self, prompts: list[str] | list[list[int]], config: GenerationConfig | None = None,
                  chat: bool = True) -> list[Result]:
         config = config or GenerationConfig()
+        if config.iteration == "block_diffusion" and not getattr(self.model, "BLOCK_CAUSAL", False):
+            raise ValueError(f"iteration='block_diffusion' needs a model trained with block-causal attention "
+                             f"(LLaDA2); {type(self.model).__name__} is bidirectional: use iteration='blockwise'")
         if not prompts:
             raise ValueError("generate() needs at least one prompt")
         if config.seed is not None:
@@ -126,7 +130,10 @@ class Engine:
     def _generate_batch(self, prompts: list[list[int]], config: GenerationConfig) -> list[Result]:
         model_config, n = self.model.config, config.block_length
         longest = max(len(p) for p in prompts)
-        prompt_length = -(-longest // config.prompt_multiple) * config.prompt_multiple
+        multiple = config.prompt_multiple
+        if config.iteration == "block_diffusion":  # the block grid starts at column 0: prompt = whole blocks
+            multiple = math.lcm(multiple, n)
+        prompt_length = -(-longest // multiple) * multiple
         length = prompt_length + config.gen_length
         limit = getattr(model_config, "max_sequence_length", None) or getattr(model_config, "max_position_embeddings",
                                                                               None)
@@ -139,6 +146,8 @@ class Engine:
         counters = torch.zeros(2, len(prompts), dtype=torch.int64, device=self.device)
         workspace = self._workspace(config, len(prompts), length)
         workspace.load(tokens, positions, key_bias, counters[0], counters[1])
+        if workspace.block_causal:
+            workspace.prefill(prompt_length)
         rows = list(range(len(prompts)))  # workspace row -> batch index
         finished: dict[int, _Finished] = {}
         stats, global_step, start = BlockStats(), 0, time.perf_counter()
@@ -158,6 +167,8 @@ class Engine:
             smaller = self._workspace(config, len(rows), length)
             smaller.load(*(t.index_select(0, kept) for t in (workspace.tokens, workspace.positions, workspace.key_bias,
                                                               workspace.steps_taken, workspace.committed)))
+            if smaller.block_causal:  # the exact prefix cache is never refreshed: carry it over
+                smaller.load_cache(workspace, kept)
             workspace = smaller
         if rows:
             self._retire(workspace, rows, torch.ones(len(rows), dtype=torch.bool), finished, stats, start,
