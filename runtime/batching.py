@@ -18,6 +18,8 @@ The layout is rebuilt only when rows join or leave; otherwise the group keeps it
 moves `block_start` one block right, exactly like Engine.generate.
 
 Two settings tie a row's result to the batch it runs in and are served conservatively:
+iteration='block_diffusion' lays every row's prefix out as whole blocks and prefills the exact
+prefix cache of a new layout (a row's prompt and committed blocks) before its next block.
 iteration='smooth' follows the generation's global step (its rows join only a group that has
 not started), and cache='vicinity' recomputes a column window clamped at the sequence ends (its
 rows run one per group).
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -251,6 +254,8 @@ class BlockBatcher:
         config, rows = group.config, group.rows
         prefixes = [s.prompt + s.generated for s in rows]
         multiple = config.prompt_multiple
+        if config.iteration == "block_diffusion":  # whole blocks before the current one: the grid holds
+            multiple = math.lcm(multiple, config.block_length)
         prefix_length = -(-max(len(p) for p in prefixes) // multiple) * multiple
         length = prefix_length + max(s.remaining for s in rows)
         tokens = torch.full((len(rows), length), self.pad_id, dtype=torch.int64)
@@ -270,6 +275,8 @@ class BlockBatcher:
         device = self.engine.device
         workspace.load(tokens.to(device), positions.to(device), key_bias[:, None, None, :].to(device),
                        counters[0].to(device), counters[1].to(device))
+        if workspace.block_causal:  # the exact prefix cache of the new layout: prompts and committed blocks
+            workspace.prefill(prefix_length)
         group.workspace, group.block_start, group.stale = workspace, prefix_length, False
 
     def _workspace(self, config: GenerationConfig, batch: int, length: int) -> Workspace:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from difuse.models import block_causal_bias, load_model, make_tiny_checkpoint
+from difuse.runtime.batching import BlockBatcher, Sequence
 from difuse.runtime.config import GenerationConfig
 from difuse.runtime.engine import Engine
 from difuse.runtime.kv_cache import StaticKVCache
@@ -134,3 +135,18 @@ def test_bidirectional_models_and_other_caches_are_refused(tmp_path):
         Engine(dense, enable_fusion=False).generate([[1, 2, 3]], config_for("threshold"))
     with pytest.raises(ValueError, match="cache='prefix'"):
         GenerationConfig(gen_length=GEN, block_length=BLOCK, cache="dual", iteration="block_diffusion")
+
+
+def test_dynamic_batching_gives_each_prompt_alone(llada2):
+    """BlockBatcher: rows join at block boundaries; every new layout prefills its prefix cache."""
+    engine = Engine(llada2, enable_fusion=False)
+    prompts = PROMPTS + [[7, 8, 9], [200, 201, 202, 203, 204, 205, 206]]
+    configs = [config_for(decoder) for decoder in ("threshold", "fixed", "threshold", "fixed")]
+    alone = [engine.generate([p], c)[0].sequence for p, c in zip(prompts, configs)]
+    sequences = [Sequence(p, c) for p, c in zip(prompts, configs)]
+    batcher, waiting = BlockBatcher(engine, max_batch_size=3), list(sequences)
+    while waiting or not batcher.idle():
+        if waiting:
+            batcher.submit(waiting.pop(0))  # one joins before each block boundary
+        batcher.step()
+    assert [s.generated for s in sequences] == alone
