@@ -9,6 +9,10 @@ Left padding keeps the generation blocks of every row at the same columns; the p
 masked by an additive bias and each row's positions start at its first real token, so a padded
 row computes what it would alone. Prompts are sorted by length before they are split into
 batches of `batch_size`, which keeps padding small; results come back in the caller's order.
+
+iteration='block_diffusion' (block-causal models: LLaDA2) pads prompts to whole blocks, so the
+block grid runs from column 0 over prompt and generation, prefills the prompt's K/V once and
+decodes each block against that exact prefix cache (runtime/kv_cache.py, mode block_causal).
 """
 from __future__ import annotations
 

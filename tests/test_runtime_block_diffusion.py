@@ -4,6 +4,7 @@ every column up to the block's end at each step; the cache holds exactly the ful
 fusion on equals fusion off; a batch equals its prompts alone; bidirectional models are refused."""
 import pytest
 import torch
+from runtime_fixtures import NoHostSync
 
 from difuse.models import block_causal_bias, load_model, make_tiny_checkpoint
 from difuse.runtime.batching import BlockBatcher, Sequence
@@ -124,9 +125,27 @@ def test_fusion_on_equals_fusion_off(tmp_path):
                                        num_hidden_layers=2), "cpu",
                        torch.float32)
     config = config_for("threshold")
-    eager = Engine(model, enable_fusion=False).generate([PROMPTS[0]], config)[0]
-    fused = Engine(model, enable_fusion=True).generate([PROMPTS[0]], config)[0]
-    assert fused.sequence == eager.sequence
+    eager = Engine(model, enable_fusion=False).generate(PROMPTS, config)
+    fused = Engine(model, enable_fusion=True)
+    for _ in range(2):  # the second call replays the programs recorded by the first
+        assert [r.sequence for r in fused.generate(PROMPTS, config)] == [r.sequence for r in eager]
+    report = str(fused.fusion_report())
+    for pattern in ("confidence_threshold_select", "add_rms_norm", "rope", "qk_norm"):
+        assert pattern in report
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fusion", [False, True], ids=["eager", "fused"])
+def test_cuda_graph_replay_gives_the_uncaptured_tokens(tmp_path, fusion):
+    model = load_model(make_tiny_checkpoint(tmp_path, kind="llada2", dtype=torch.float32), "cuda", torch.float32)
+    config = config_for("threshold")
+    plain = Engine(model, enable_fusion=fusion, cuda_graphs=False).generate(PROMPTS, config)
+    graphs = Engine(model, enable_fusion=fusion, cuda_graphs=True)
+    for _ in range(2):  # the second call replays the graphs the first one captured
+        assert [r.sequence for r in graphs.generate(PROMPTS, config)] == [r.sequence for r in plain]
+    assert graphs.last_stats["graph_capture_errors"] == {}
+    runners = [r for w in graphs._workspaces.values() for r in w.runners]
+    assert runners and all(r.graph is not None for r in runners if r.calls > r.warm_up_calls)
 
 
 def test_bidirectional_models_and_other_caches_are_refused(tmp_path):
@@ -150,3 +169,20 @@ def test_dynamic_batching_gives_each_prompt_alone(llada2):
             batcher.submit(waiting.pop(0))  # one joins before each block boundary
         batcher.step()
     assert [s.generated for s in sequences] == alone
+
+
+@pytest.mark.parametrize("step_in_block", [0, 1], ids=["block-pair", "block"])
+def test_block_diffusion_steps_have_no_host_sync(llada2, step_in_block):
+    """Both step kinds stay capturable in a CUDA graph: no value read back, no dynamic shape."""
+    engine = Engine(llada2, enable_fusion=False)
+    config = config_for("threshold")
+    length, block_start = 8 + GEN, 12
+    workspace = engine._workspace(config, 1, length)
+    workspace.tokens.fill_(llada2.config.mask_token_id)
+    workspace.prefill(8)
+    workspace.start_block(block_start)
+    kind = workspace.policy.step_kind(step_in_block, block_start, length)
+    runner, _, _ = workspace._runner(kind)
+    workspace.run_step(kind, block_start)  # places the rows and the bias outside the check
+    with NoHostSync():
+        runner()
