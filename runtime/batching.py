@@ -42,7 +42,7 @@ import torch
 
 from difuse.runtime.config import GenerationConfig
 from difuse.runtime.iteration import BlockStats, run_block
-from difuse.runtime.workspace import Workspace
+from difuse.runtime.workspace import Workspace, check_iteration
 
 # settings that never enter a step: they may differ inside one group (the fixed schedule's
 # `steps` counts the whole generation; its steps per block are what a block runs)
@@ -135,6 +135,7 @@ class BlockBatcher:
     def submit(self, sequence: Sequence) -> None:
         if sequence.remaining <= 0 or not sequence.prompt:
             raise ValueError("a sequence needs a non-empty prompt and gen_length > 0")
+        check_iteration(self.engine.model, sequence.config)
         with self._lock:
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")

@@ -26,7 +26,7 @@ import torch
 from difuse.runtime.config import GenerationConfig
 from difuse.runtime.iteration import BlockStats, rows_ending_at, run_block
 from difuse.runtime.kv_cache import key_padding_bias
-from difuse.runtime.workspace import Workspace
+from difuse.runtime.workspace import Workspace, check_iteration
 
 log = logging.getLogger("difuse.runtime")
 
@@ -112,9 +112,7 @@ class Engine:
     def generate(self, prompts: list[str] | list[list[int]], config: GenerationConfig | None = None,
                  chat: bool = True) -> list[Result]:
         config = config or GenerationConfig()
-        if config.iteration == "block_diffusion" and not getattr(self.model, "BLOCK_CAUSAL", False):
-            raise ValueError(f"iteration='block_diffusion' needs a model trained with block-causal attention "
-                             f"(LLaDA2); {type(self.model).__name__} is bidirectional: use iteration='blockwise'")
+        check_iteration(self.model, config)
         if not prompts:
             raise ValueError("generate() needs at least one prompt")
         if config.seed is not None:

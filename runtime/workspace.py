@@ -12,9 +12,17 @@ from difuse.runtime.kv_cache import CachePolicy, StaticKVCache, StepKind, block_
 from difuse.runtime.step import make_denoise_step
 
 
+def check_iteration(model, config: GenerationConfig) -> None:
+    """Block diffusion's block-causal attention is only right for models trained with it."""
+    if config.iteration == "block_diffusion" and not getattr(model, "BLOCK_CAUSAL", False):
+        raise ValueError(f"iteration='block_diffusion' needs a model trained with block-causal attention "
+                         f"(LLaDA2); {type(model).__name__} is bidirectional: use iteration='blockwise'")
+
+
 class Workspace:
     def __init__(self, model, config: GenerationConfig, batch: int, length: int, device, dtype,
                  scheduler=None, use_cuda_graph: bool = False, graph_pool=None):
+        check_iteration(model, config)
         model_config = model.config
         self.model, self.batch, self.length = model, batch, length
         self.block_length = config.block_length

@@ -152,6 +152,8 @@ def test_bidirectional_models_and_other_caches_are_refused(tmp_path):
     dense = load_model(make_tiny_checkpoint(tmp_path, kind="llada"), "cpu", torch.float32)
     with pytest.raises(ValueError, match="block-causal"):
         Engine(dense, enable_fusion=False).generate([[1, 2, 3]], config_for("threshold"))
+    with pytest.raises(ValueError, match="block-causal"):
+        BlockBatcher(Engine(dense, enable_fusion=False)).submit(Sequence([1, 2, 3], config_for("threshold")))
     with pytest.raises(ValueError, match="cache='prefix'"):
         GenerationConfig(gen_length=GEN, block_length=BLOCK, cache="dual", iteration="block_diffusion")
 
