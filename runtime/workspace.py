@@ -77,7 +77,7 @@ class Workspace:
         self.cache.bind(rows, bias)
         self.model.forward(self.tokens[:, :prompt_length], self.positions[:, :prompt_length], cache=self.cache)
 
-    def load_cache(self, other: "Workspace", kept: torch.Tensor) -> None:
+    def load_cache(self, other: Workspace, kept: torch.Tensor) -> None:
         """Take the K/V of rows `kept` of another workspace's cache (the batch shrank)."""
         for mine, theirs in zip(self.cache.keys + self.cache.values, other.cache.keys + other.cache.values):
             torch.index_select(theirs, 0, kept, out=mine)
