@@ -138,6 +138,9 @@ class DecoderModel(nn.Module):
 
     # Parameter-name suffixes the loader keeps in fp32 whatever the model dtype.
     FP32_PARAMETERS: tuple[str, ...] = ()
+    # True for families trained with block-causal attention (a block sees itself and earlier blocks):
+    # the runtime's block-diffusion iteration is valid only for those.
+    BLOCK_CAUSAL = False
 
     def __init__(self, config, vocab_size: int, hidden: int, eps: float, rotary_dim: int,
                  rope_theta: float, layers: list[DecoderLayer]):

@@ -137,6 +137,7 @@ class SparseMoE(nn.Module):
 class LLaDA2Model(DecoderModel):
     # router_dtype fp32: the gate GEMM and the expert bias stay in fp32 whatever the model dtype.
     FP32_PARAMETERS = ("ffn.gate.weight", "expert_bias")
+    BLOCK_CAUSAL = True
 
     def __init__(self, config: LLaDA2Config):
         c = config

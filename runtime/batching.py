@@ -18,6 +18,8 @@ The layout is rebuilt only when rows join or leave; otherwise the group keeps it
 moves `block_start` one block right, exactly like Engine.generate.
 
 Two settings tie a row's result to the batch it runs in and are served conservatively:
+iteration='block_diffusion' lays every row's prefix out as whole blocks and prefills the exact
+prefix cache of a new layout (a row's prompt and committed blocks) before its next block.
 iteration='smooth' follows the generation's global step (its rows join only a group that has
 not started), and cache='vicinity' recomputes a column window clamped at the sequence ends (its
 rows run one per group).
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -39,7 +42,7 @@ import torch
 
 from difuse.runtime.config import GenerationConfig
 from difuse.runtime.iteration import BlockStats, run_block
-from difuse.runtime.workspace import Workspace
+from difuse.runtime.workspace import Workspace, check_iteration
 
 # settings that never enter a step: they may differ inside one group (the fixed schedule's
 # `steps` counts the whole generation; its steps per block are what a block runs)
@@ -132,6 +135,7 @@ class BlockBatcher:
     def submit(self, sequence: Sequence) -> None:
         if sequence.remaining <= 0 or not sequence.prompt:
             raise ValueError("a sequence needs a non-empty prompt and gen_length > 0")
+        check_iteration(self.engine.model, sequence.config)
         with self._lock:
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
@@ -251,6 +255,8 @@ class BlockBatcher:
         config, rows = group.config, group.rows
         prefixes = [s.prompt + s.generated for s in rows]
         multiple = config.prompt_multiple
+        if config.iteration == "block_diffusion":  # whole blocks before the current one: the grid holds
+            multiple = math.lcm(multiple, config.block_length)
         prefix_length = -(-max(len(p) for p in prefixes) // multiple) * multiple
         length = prefix_length + max(s.remaining for s in rows)
         tokens = torch.full((len(rows), length), self.pad_id, dtype=torch.int64)
@@ -270,6 +276,8 @@ class BlockBatcher:
         device = self.engine.device
         workspace.load(tokens.to(device), positions.to(device), key_bias[:, None, None, :].to(device),
                        counters[0].to(device), counters[1].to(device))
+        if workspace.block_causal:  # the exact prefix cache of the new layout: prompts and committed blocks
+            workspace.prefill(prefix_length)
         group.workspace, group.block_start, group.stale = workspace, prefix_length, False
 
     def _workspace(self, config: GenerationConfig, batch: int, length: int) -> Workspace:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 DECODERS = ("fixed", "random", "threshold", "hierarchy", "credit")
 CACHES = ("none", "prefix", "dual", "vicinity")
-ITERATIONS = ("blockwise", "smooth")
+ITERATIONS = ("blockwise", "smooth", "block_diffusion")
 
 
 @dataclass(slots=True)
@@ -27,6 +27,7 @@ class GenerationConfig:
     prefix_look: int = 16  # vicinity: tokens recomputed before the block
     after_look: int = 16  # vicinity: tokens recomputed after the block
     refresh_every: int | None = None  # refresh the cache also every n steps inside a block
+    # block_diffusion: block-causal models (LLaDA2) only, with cache='prefix' (exact, see runtime/kv_cache.py)
     iteration: str = "blockwise"
     # smooth: masked inputs get E[mask] + w * E[softmax(logits)], w = min(init + growth * step, max)
     smooth_weight: float = 0.3
@@ -69,6 +70,9 @@ class GenerationConfig:
             _positive("refresh_every", self.refresh_every)
             if self.cache == "none":
                 raise ValueError("refresh_every needs a cache (cache='prefix', 'dual' or 'vicinity')")
+        if self.iteration == "block_diffusion" and (self.cache != "prefix" or self.refresh_every is not None):
+            raise ValueError("iteration='block_diffusion' keeps an exact block-causal prefix cache: set cache='prefix' "
+                             f"and no refresh_every (got cache={self.cache!r}, refresh_every={self.refresh_every})")
         if self.iteration == "smooth":
             if self.decoder not in ("threshold", "hierarchy", "credit"):
                 raise ValueError(f"iteration='smooth' schedules a threshold; decoder {self.decoder!r} has none")

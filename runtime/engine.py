@@ -9,10 +9,15 @@ Left padding keeps the generation blocks of every row at the same columns; the p
 masked by an additive bias and each row's positions start at its first real token, so a padded
 row computes what it would alone. Prompts are sorted by length before they are split into
 batches of `batch_size`, which keeps padding small; results come back in the caller's order.
+
+iteration='block_diffusion' (block-causal models: LLaDA2) pads prompts to whole blocks, so the
+block grid runs from column 0 over prompt and generation, prefills the prompt's K/V once and
+decodes each block against that exact prefix cache (runtime/kv_cache.py, mode block_causal).
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -21,7 +26,7 @@ import torch
 from difuse.runtime.config import GenerationConfig
 from difuse.runtime.iteration import BlockStats, rows_ending_at, run_block
 from difuse.runtime.kv_cache import key_padding_bias
-from difuse.runtime.workspace import Workspace
+from difuse.runtime.workspace import Workspace, check_iteration
 
 log = logging.getLogger("difuse.runtime")
 
@@ -107,6 +112,7 @@ class Engine:
     def generate(self, prompts: list[str] | list[list[int]], config: GenerationConfig | None = None,
                  chat: bool = True) -> list[Result]:
         config = config or GenerationConfig()
+        check_iteration(self.model, config)
         if not prompts:
             raise ValueError("generate() needs at least one prompt")
         if config.seed is not None:
@@ -126,7 +132,10 @@ class Engine:
     def _generate_batch(self, prompts: list[list[int]], config: GenerationConfig) -> list[Result]:
         model_config, n = self.model.config, config.block_length
         longest = max(len(p) for p in prompts)
-        prompt_length = -(-longest // config.prompt_multiple) * config.prompt_multiple
+        multiple = config.prompt_multiple
+        if config.iteration == "block_diffusion":  # the block grid starts at column 0: prompt = whole blocks
+            multiple = math.lcm(multiple, n)
+        prompt_length = -(-longest // multiple) * multiple
         length = prompt_length + config.gen_length
         limit = getattr(model_config, "max_sequence_length", None) or getattr(model_config, "max_position_embeddings",
                                                                               None)
@@ -139,6 +148,8 @@ class Engine:
         counters = torch.zeros(2, len(prompts), dtype=torch.int64, device=self.device)
         workspace = self._workspace(config, len(prompts), length)
         workspace.load(tokens, positions, key_bias, counters[0], counters[1])
+        if workspace.block_causal:
+            workspace.prefill(prompt_length)
         rows = list(range(len(prompts)))  # workspace row -> batch index
         finished: dict[int, _Finished] = {}
         stats, global_step, start = BlockStats(), 0, time.perf_counter()
@@ -158,6 +169,8 @@ class Engine:
             smaller = self._workspace(config, len(rows), length)
             smaller.load(*(t.index_select(0, kept) for t in (workspace.tokens, workspace.positions, workspace.key_bias,
                                                               workspace.steps_taken, workspace.committed)))
+            if smaller.block_causal:  # the exact prefix cache is never refreshed: carry it over
+                smaller.load_cache(workspace, kept)
             workspace = smaller
         if rows:
             self._retire(workspace, rows, torch.ones(len(rows), dtype=torch.bool), finished, stats, start,

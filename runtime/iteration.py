@@ -6,6 +6,8 @@ are no-ops, since a step with no masked position commits nothing. The fixed sche
 step count and never checks. Iteration smoothing (dInfer's soft diffusion iteration) feeds the
 block's still-masked rows E[mask] + w * E_softmax[embedding] and lowers the threshold from 1
 towards the configured one; both schedules run on the generation's global step counter.
+Block diffusion runs this same loop: its policy makes a block's first step the [previous block |
+block] step that writes the previous block's final K/V (runtime/kv_cache.py).
 Early stop: a finished block that holds EOS ends its row (everything after becomes EOS).
 """
 from __future__ import annotations

@@ -12,6 +12,13 @@ between the modes:
     vicinity: the block with `prefix_look` rows before and `after_look` after, clamped to [0, L)
     none:     no cache; every step is a full forward
 
+    block_causal (iteration='block_diffusion', block-causal models): EXACT prefix cache. The prompt
+              is prefilled once; a block's first step computes [previous block | block] (2N rows:
+              the previous block's rows, now final, write their clean K/V), its other steps the
+              block only (N rows). Each query row attends to keys before the end of its own
+              block (`block_causal_bias_into`), so cached rows are exactly what a full
+              block-causal forward would compute: nothing later can change them.
+
 Rows not recomputed keep the K/V of the last step that computed them (stale inside the block:
 the approximation Fast-dLLM and dInfer make). Shapes never change during a generation: the row
 tensors are updated in place, and the only mask is the left-padding key bias, so one captured
@@ -34,6 +41,16 @@ def key_padding_bias(pad_lengths: torch.Tensor, length: int, dtype: torch.dtype)
     bias = torch.zeros(padded.shape, dtype=dtype, device=pad_lengths.device)
     bias.masked_fill_(padded, torch.finfo(dtype).min)
     return bias[:, None, None, :]
+
+
+def block_causal_bias_into(out: torch.Tensor, key_bias: torch.Tensor, query_rows: torch.Tensor,
+                           block_length: int) -> None:
+    """out [B, 1, T, L] <- key_bias [B, 1, 1, L] where key column < end of the query row's block
+    (blocks of `block_length` columns from column 0), the most negative finite value elsewhere."""
+    columns = torch.arange(out.shape[-1], device=out.device)
+    visible_end = (query_rows // block_length + 1) * block_length  # [T]
+    hidden = columns.unsqueeze(0) >= visible_end.unsqueeze(1)  # [T, L]
+    out.copy_(key_bias.masked_fill(hidden[None, None], torch.finfo(out.dtype).min))
 
 
 class StaticKVCache:
@@ -78,19 +95,23 @@ class CachePolicy:
     """Which rows each step recomputes and when the whole cache is refreshed."""
 
     def __init__(self, config: GenerationConfig):
-        self.mode = config.cache
+        self.mode = "block_causal" if config.iteration == "block_diffusion" else config.cache
         self.block_length = config.block_length
         self.prefix_look, self.after_look = config.prefix_look, config.after_look
         self.refresh_every = config.refresh_every
 
     def is_refresh(self, step_in_block: int) -> bool:
-        if self.mode == "none":
+        if self.mode in ("none", "block_causal"):
             return False
         return step_in_block == 0 or (self.refresh_every is not None and step_in_block % self.refresh_every == 0)
 
     def step_kind(self, step_in_block: int, block_start: int, length: int) -> StepKind:
         if self.mode == "none":
             return StepKind("full", 0, length, cached=False)
+        if self.mode == "block_causal":
+            if step_in_block == 0:
+                return StepKind("block_pair", block_start - self.block_length, 2 * self.block_length, cached=True)
+            return StepKind("block", block_start, self.block_length, cached=True)
         if self.is_refresh(step_in_block):
             return StepKind("refresh", 0, length, cached=True)
         if self.mode == "prefix":

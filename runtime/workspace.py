@@ -8,13 +8,21 @@ import torch
 from difuse.runtime.capture import StepRunner
 from difuse.runtime.config import GenerationConfig
 from difuse.runtime.decoders import make_decoder
-from difuse.runtime.kv_cache import CachePolicy, StaticKVCache, StepKind
+from difuse.runtime.kv_cache import CachePolicy, StaticKVCache, StepKind, block_causal_bias_into
 from difuse.runtime.step import make_denoise_step
+
+
+def check_iteration(model, config: GenerationConfig) -> None:
+    """Block diffusion's block-causal attention is only right for models trained with it."""
+    if config.iteration == "block_diffusion" and not getattr(model, "BLOCK_CAUSAL", False):
+        raise ValueError(f"iteration='block_diffusion' needs a model trained with block-causal attention "
+                         f"(LLaDA2); {type(model).__name__} is bidirectional: use iteration='blockwise'")
 
 
 class Workspace:
     def __init__(self, model, config: GenerationConfig, batch: int, length: int, device, dtype,
                  scheduler=None, use_cuda_graph: bool = False, graph_pool=None):
+        check_iteration(model, config)
         model_config = model.config
         self.model, self.batch, self.length = model, batch, length
         self.block_length = config.block_length
@@ -22,6 +30,8 @@ class Workspace:
         self.policy = CachePolicy(config)
         self.decoder = make_decoder(config, self.mask_id)
         self.smooth = config.iteration == "smooth"
+        # block diffusion: each step kind gets its own [B, 1, T, L] bias (key padding + block-causal)
+        self.block_causal = config.iteration == "block_diffusion"
         self.scheduler, self.use_cuda_graph, self.graph_pool = scheduler, use_cuda_graph, graph_pool
         self.device = device
 
@@ -43,6 +53,7 @@ class Workspace:
                                        dtype, device)
         self._arange = torch.arange(length, device=device)
         self._runners: dict[tuple[str, int], tuple[StepRunner, torch.Tensor, torch.Tensor]] = {}
+        self._step_biases: dict[str, torch.Tensor] = {}  # block diffusion: runner -> its [B, 1, T, L] bias
         self._placed: dict[str, tuple[int, int]] = {}  # runner -> (query start, block start) its rows hold
 
     def configure(self, config: GenerationConfig) -> None:
@@ -56,6 +67,20 @@ class Workspace:
         for mine, theirs in ((self.tokens, tokens), (self.positions, positions), (self.key_bias, key_bias),
                              (self.steps_taken, steps_taken), (self.committed, committed)):
             mine.copy_(theirs)
+        self._placed.clear()  # block-causal biases derive from the key bias just loaded
+
+    def prefill(self, prompt_length: int) -> None:
+        """Block diffusion: write the K/V of the prompt columns [0, prompt_length) (whole blocks) once."""
+        rows = self._arange[:prompt_length]
+        bias = torch.empty(self.batch, 1, prompt_length, self.length, dtype=self.key_bias.dtype, device=self.device)
+        block_causal_bias_into(bias, self.key_bias, rows, self.block_length)
+        self.cache.bind(rows, bias)
+        self.model.forward(self.tokens[:, :prompt_length], self.positions[:, :prompt_length], cache=self.cache)
+
+    def load_cache(self, other: Workspace, kept: torch.Tensor) -> None:
+        """Take the K/V of rows `kept` of another workspace's cache (the batch shrank)."""
+        for mine, theirs in zip(self.cache.keys + self.cache.values, other.cache.keys + other.cache.values):
+            torch.index_select(theirs, 0, kept, out=mine)
 
     def start_block(self, block_start: int) -> None:
         torch.add(self._arange[: self.block_length], block_start, out=self.block_rows)
@@ -67,6 +92,8 @@ class Workspace:
         if self._placed.get(runner.name) != (kind.start, block_start):  # rows move once per block, not per step
             torch.add(self._arange[: kind.length], kind.start, out=query_rows)
             torch.add(self._arange[: self.block_length], block_start - kind.start, out=block_in_query)
+            if self.block_causal:
+                block_causal_bias_into(self._step_biases[runner.name], self.key_bias, query_rows, self.block_length)
             self._placed[runner.name] = (kind.start, block_start)
         runner()
 
@@ -80,16 +107,22 @@ class Workspace:
         if key not in self._runners:
             query_rows = torch.zeros(kind.length, dtype=torch.int64, device=self.device)
             block_in_query = torch.zeros(self.block_length, dtype=torch.int64, device=self.device)
+            bias = self.key_bias
+            if self.block_causal:
+                bias = torch.zeros(self.batch, 1, kind.length, self.length, dtype=self.key_bias.dtype,
+                                   device=self.device)
             state_names = tuple(sorted(self.state))
             fn = make_denoise_step(self.model, self.decoder, self.cache if kind.cached else None,
                                    state_names, self.smooth)
-            args = (self.tokens, self.positions, self.key_bias, query_rows, block_in_query, self.block_rows,
+            args = (self.tokens, self.positions, bias, query_rows, block_in_query, self.block_rows,
                     self.threshold, self.low_threshold, self.steps_taken, self.committed,
                     *(self.state[name] for name in state_names))
             if self.smooth:
                 args += (self.smooth_weight, self.soft_embeds)
             runner = StepRunner(f"{kind.name}[B={self.batch}, T={kind.length}]", fn, args, self.scheduler,
                                 self.use_cuda_graph, self.graph_pool)
+            if self.block_causal:
+                self._step_biases[runner.name] = bias
             self._runners[key] = (runner, query_rows, block_in_query)
         return self._runners[key]
 
