@@ -966,17 +966,21 @@ class TopKSelectPattern(Pattern):
         return select_bytes(confidence, token, block)
 
 
+def _confidence_select_hits(graph, match_select):
+    """(joined walker, confidence hit, selection hit) for every selection fed by token_confidence."""
+    for walker, hit in _select_candidates(graph, match_select):
+        joined = _with_confidence(graph, walker, hit)
+        if joined is not None:
+            yield (*joined, hit)
+
+
 class ConfidenceThresholdSelectPattern(Pattern):
     name = "confidence_threshold_select"
     priority = 40
 
     def match(self, graph):
         matches = []
-        for walker, hit in _select_candidates(graph, _match_threshold_select):
-            joined = _with_confidence(graph, walker, hit)
-            if joined is None:
-                continue
-            joint, conf = joined
+        for joint, conf, hit in _confidence_select_hits(graph, _match_threshold_select):
             inputs = (conf["logits"], hit["block"])
             params = _mask_params(hit)
             if hit["threshold_input"] is not None:
@@ -1005,11 +1009,7 @@ class ConfidenceTopKSelectPattern(Pattern):
 
     def match(self, graph):
         matches = []
-        for walker, hit in _select_candidates(graph, _match_topk_select):
-            joined = _with_confidence(graph, walker, hit)
-            if joined is None:
-                continue
-            joint, conf = joined
+        for joint, conf, hit in _confidence_select_hits(graph, _match_topk_select):
             matches.append(joint.match(self.name, (conf["logits"], hit["block"], hit["k"]),
                                        _select_outputs(joint, hit), **_mask_params(hit)))
         return no_overlap(matches)
