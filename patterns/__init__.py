@@ -5,6 +5,7 @@ import difuse.fusion  # noqa: F401,I001  (on CPU-only hosts, selects the Triton 
 from difuse.patterns import (  # noqa: F401  (importing registers the patterns)
     add_rms_norm,
     confidence,
+    kv_write,
     qk_norm,
     rms_norm,
     rope,

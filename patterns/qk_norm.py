@@ -48,26 +48,32 @@ from difuse.patterns.rms_norm import match_rms_norm_at, rms_norm_anchors  # noqa
 from difuse.patterns.rope import match_rope_at, rope_anchors  # noqa: E402
 
 
+def qk_norm_rope_candidates(graph):
+    """(walker, rms_norm match, rope match) for every per-head RMSNorm whose output a rope rotates;
+    the walker holds both matches' nodes, unchecked for outside readers."""
+    ropes = rope_anchors(graph)
+    for anchor in rms_norm_anchors(graph):
+        norm_walker = Walker(graph)
+        norm = match_rms_norm_at(norm_walker, anchor)
+        if not norm or len(norm_walker.shape(norm["x"])) != 4:
+            continue
+        for rope_anchor in ropes:
+            walker = Walker(graph)
+            walker.taken = list(norm_walker.taken)
+            rope = match_rope_at(walker, rope_anchor)
+            if rope and rope["x"] == norm["out"]:
+                yield walker, norm, rope
+                break
+
+
 class QKNormRoPEPattern(Pattern):
     name = "qk_norm_rope"
     priority = 30  # before rms_norm and rope, which would take the halves
 
     def match(self, graph):
-        matches = []
-        ropes = rope_anchors(graph)
-        for anchor in rms_norm_anchors(graph):
-            norm_walker = Walker(graph)
-            norm = match_rms_norm_at(norm_walker, anchor)
-            if not norm or len(norm_walker.shape(norm["x"])) != 4:
-                continue
-            for rope_anchor in ropes:
-                walker = Walker(graph)
-                walker.taken = list(norm_walker.taken)
-                rope = match_rope_at(walker, rope_anchor)
-                if rope and rope["x"] == norm["out"] and walker.closed([rope["out"]]):
-                    matches.append(walker.match(self.name, (norm["x"], norm["weight"], rope["cos"], rope["sin"]),
-                                                (rope["out"],), eps=norm["eps"]))
-                    break
+        matches = [walker.match(self.name, (norm["x"], norm["weight"], rope["cos"], rope["sin"]), (rope["out"],),
+                                eps=norm["eps"])
+                   for walker, norm, rope in qk_norm_rope_candidates(graph) if walker.closed([rope["out"]])]
         return no_overlap(matches)
 
     def reference(self, x, weight, cos, sin, eps):

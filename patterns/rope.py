@@ -46,34 +46,52 @@ def _norm_rope_kernel(
     x_ptr, x_sb, x_st, x_sh,  # [B, T, H, D], unit stride in D
     w_ptr,  # norm weight [D] (read only when NORM)
     cos_ptr, sin_ptr, cs_sb, cs_st,  # [B or 1, T, R] fp32, unit stride in R
-    y_ptr,  # contiguous [B, T, H, D]
+    y_ptr, y_sb, y_st, y_sh,  # out[b, t', h, :] with t' = rows[t] when ROWS, else t; unit stride in D
+    rows_ptr, n_rows,  # [T] destinations in [0, n_rows) (read only when ROWS)
+    v_ptr, v_sb, v_st, v_sh, vy_ptr,  # passenger [B, T, H, D] copied to vy[b, t', h] (y's strides)
     T, H, D, half, eps,  # half = R / 2
     n_pos,  # B * T
     NORM: tl.constexpr,
     HAS_PASS: tl.constexpr,  # R < D
+    ROWS: tl.constexpr,
+    PASSENGER: tl.constexpr,
     BLOCK_POS: tl.constexpr,  # consecutive positions per program, one tile: all their loads issue together
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # the passenger's row
 ):
     """A [BLOCK_POS, BLOCK_H, features] tile: positions x heads tile program_id(1) x head features."""
     pos = tl.program_id(0) * BLOCK_POS + tl.arange(0, BLOCK_POS)
     pos_ok = pos < n_pos
     b = (pos // T).to(tl.int64)[:, None, None]  # [P, 1, 1]
     t = (pos % T).to(tl.int64)[:, None, None]
+    if ROWS:
+        # A destination outside the buffer is skipped (index_copy_ would raise): never a stray write.
+        t_out = tl.load(rows_ptr + t, mask=pos_ok[:, None, None], other=-1).to(tl.int64)
+        out_ok = pos_ok[:, None, None] & (t_out >= 0) & (t_out < n_rows)
+    else:
+        t_out = t
+        out_ok = pos_ok[:, None, None]
     heads = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]  # [1, H, 1]
     row_ok = pos_ok[:, None, None] & (heads < H)  # [P, H, 1]
     cols = tl.arange(0, BLOCK_HALF)[None, None, :]  # [1, 1, HALF]
     col_ok = cols < half
     rot_mask = row_ok & col_ok
     row = x_ptr + b * x_sb + t * x_st + heads.to(tl.int64) * x_sh
-    out_row = y_ptr + ((b * T + t) * H + heads.to(tl.int64)) * D
+    out_offset = b * y_sb + t_out * y_st + heads.to(tl.int64) * y_sh
+    out_row = y_ptr + out_offset
     x1 = tl.load(row + cols, mask=rot_mask, other=0.0).to(tl.float32)
     x2 = tl.load(row + half + cols, mask=rot_mask, other=0.0).to(tl.float32)
     if HAS_PASS:
         rest = tl.arange(0, BLOCK_PASS)[None, None, :]
         rest_mask = row_ok & (rest < D - 2 * half)
         xp = tl.load(row + 2 * half + rest, mask=rest_mask, other=0.0).to(tl.float32)
+    if PASSENGER:
+        features = tl.arange(0, BLOCK_D)[None, None, :]
+        v_mask = row_ok & (features < D)
+        v_row = v_ptr + b * v_sb + t * v_st + heads.to(tl.int64) * v_sh
+        passenger = tl.load(v_row + features, mask=v_mask, other=0.0)
     table = b * cs_sb + t * cs_st + cols  # [P, 1, HALF]: read once per position, broadcast over heads
     table_mask = pos_ok[:, None, None] & col_ok
     cos1 = tl.load(cos_ptr + table, mask=table_mask, other=0.0)
@@ -97,14 +115,31 @@ def _norm_rope_kernel(
         x2 = ((x2 * rstd).to(norm_ty).to(tl.float32) * w2).to(out_ty).to(tl.float32)
         if HAS_PASS:
             xp = (xp * rstd).to(norm_ty).to(tl.float32) * wp
-    tl.store(out_row + cols, (x1 * cos1 + -x2 * sin1).to(y_ptr.dtype.element_ty), mask=rot_mask)
-    tl.store(out_row + half + cols, (x2 * cos2 + x1 * sin2).to(y_ptr.dtype.element_ty), mask=rot_mask)
+    store_mask = rot_mask & out_ok
+    tl.store(out_row + cols, (x1 * cos1 + -x2 * sin1).to(y_ptr.dtype.element_ty), mask=store_mask)
+    tl.store(out_row + half + cols, (x2 * cos2 + x1 * sin2).to(y_ptr.dtype.element_ty), mask=store_mask)
     if HAS_PASS:
-        tl.store(out_row + 2 * half + rest, xp.to(y_ptr.dtype.element_ty), mask=rest_mask)
+        tl.store(out_row + 2 * half + rest, xp.to(y_ptr.dtype.element_ty), mask=rest_mask & out_ok)
+    if PASSENGER:
+        tl.store(vy_ptr + out_offset + features, passenger, mask=v_mask & out_ok)
 
 
-def _plan_norm_rope(x, weight, cos, sin) -> tuple:
-    """Validate once per (shapes, strides, dtypes, device) and fix everything the launch needs."""
+def _check_destination(name: str, dest: torch.Tensor, batch: int, heads: int, head_dim: int, dtype) -> None:
+    """dest: a [B, H, L, D] buffer (unit stride in D) the kernel writes rows of in place."""
+    if not isinstance(dest, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(dest).__name__}")
+    if dest.dim() != 4 or dest.shape[0] != batch or dest.shape[1] != heads or dest.shape[3] != head_dim:
+        raise ValueError(f"{name} must be [B, H, L, D] = [{batch}, {heads}, L, {head_dim}], got {tuple(dest.shape)}")
+    if dest.dtype != dtype:
+        raise TypeError(f"{name} is {dest.dtype}, but the rows written into it are {dtype}")
+    if head_dim > 1 and dest.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride in its last dim")
+
+
+def _plan_norm_rope(x, weight, cos, sin, out=None, rows=None, v=None, v_out=None) -> tuple:
+    """Validate once per (shapes, strides, dtypes, device) and fix everything the launch needs.
+    With `out`, rows t of the result go to out[:, :, rows[t]] ([B, H, L, D] buffer), and the
+    passenger v [B, T, H, D] (if any) is copied unchanged to v_out[:, :, rows[t]] alongside."""
     check_float("x", x)
     if x.dim() != 4:
         raise ValueError(f"x must be [B, T, H, D], got shape {tuple(x.shape)}")
@@ -125,18 +160,38 @@ def _plan_norm_rope(x, weight, cos, sin) -> tuple:
         if weight.shape != (D,):
             raise ValueError(f"norm weight must be [D] = [{D}], got {tuple(weight.shape)}")
         out_dtype = torch.promote_types(x.dtype, weight.dtype)
-    check_same_device(x=x, cos=cos, sin=sin, weight=weight)
+    if out is not None:
+        _check_destination("out", out, B, H, D, out_dtype)
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.shape[0] != T \
+                or rows.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"rows must be an int32/int64 tensor [T] = [{T}], got "
+                             f"{tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__}")
+    if v is not None:
+        if out is None:
+            raise ValueError("a passenger v needs an out buffer and rows")
+        check_float("v", v)
+        if v.shape != x.shape:
+            raise ValueError(f"v must have x's shape {tuple(x.shape)}, got {tuple(v.shape)}")
+        _check_destination("v_out", v_out, B, H, D, v.dtype)
+        if v_out.shape != out.shape or v_out.stride() != out.stride():
+            raise ValueError("v_out must have out's shape and strides")
+    check_same_device(x=x, cos=cos, sin=sin, weight=weight, out=out, rows=rows, v=v, v_out=v_out)
     check_runtime_device(x)
     if x.numel() == 0:
         return out_dtype, None
     x_copy = D > 1 and x.stride(-1) != 1
     x_strides = torch.empty_like(x, memory_format=torch.contiguous_format).stride() if x_copy else x.stride()
+    v_copy = v is not None and D > 1 and v.stride(-1) != 1
+    v_strides = (0, 0, 0) if v is None else (
+        torch.empty_like(v, memory_format=torch.contiguous_format).stride() if v_copy else v.stride())
     rope_copy = R > 1 and (cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride() != sin.stride())
     cos_strides = cos.contiguous().stride() if rope_copy else cos.stride()
+    # [B, T, H, D] contiguous, or the buffer [B, H, L, D] addressed as (b, row, h)
+    y_strides = (T * H * D, H * D, D) if out is None else (out.stride(0), out.stride(2), out.stride(1))
     block_half, block_pass = next_pow2(R // 2), next_pow2(D - R)
     block_h = min(next_pow2(H), max(1, 4096 // next_pow2(D)))
     head_tiles = cdiv(H, block_h)
-    row_elements = block_h * (2 * block_half + (block_pass if R < D else 0))
+    row_elements = block_h * (2 * block_half + (block_pass if R < D else 0)) * (2 if v is not None else 1)
     # At least ~4K values (8 KB of bf16) per program in one tile while >= 8 programs per SM remain,
     # ~32 values per thread: at 4096x32x128 bf16 a program of 4 warps takes ~70 registers (ptxas),
     # so 7 programs (56 KB of loads in flight) fit on an SM.
@@ -144,12 +199,15 @@ def _plan_norm_rope(x, weight, cos, sin) -> tuple:
     while block_pos * row_elements < 4096 and cdiv(B * T, 2 * block_pos) * head_tiles >= 8 * sm_count(x.device):
         block_pos *= 2
     launch = dict(
-        x_copy=x_copy, rope_copy=rope_copy, weight_copy=weight is not None and not weight.is_contiguous(),
-        grid=(cdiv(B * T, block_pos), head_tiles), x_strides=x_strides[:3],
+        x_copy=x_copy, v_copy=v_copy, rope_copy=rope_copy,
+        weight_copy=weight is not None and not weight.is_contiguous(),
+        grid=(cdiv(B * T, block_pos), head_tiles), x_strides=x_strides[:3], v_strides=v_strides[:3],
         rope_strides=(cos_strides[0] if cos.shape[0] > 1 else 0, cos_strides[1]),
+        y_strides=y_strides, n_rows=out.shape[2] if out is not None else T,
         sizes=(T, H, D, R // 2), n_pos=B * T,
-        constants=dict(NORM=weight is not None, HAS_PASS=R < D, BLOCK_POS=block_pos, BLOCK_H=block_h,
-                       BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
+        constants=dict(NORM=weight is not None, HAS_PASS=R < D, ROWS=out is not None, PASSENGER=v is not None,
+                       BLOCK_POS=block_pos, BLOCK_H=block_h,
+                       BLOCK_HALF=block_half, BLOCK_PASS=block_pass, BLOCK_D=next_pow2(D),
                        num_warps=max(1, min(8, block_pos * row_elements // 1024))),
     )
     return out_dtype, launch
@@ -158,18 +216,22 @@ def _plan_norm_rope(x, weight, cos, sin) -> tuple:
 _PLANS = PlanCache()
 
 
-def launch_norm_rope(x, weight, eps, cos, sin) -> torch.Tensor:
-    """x [B, T, H, D]; weight [D] or None (no norm); cos, sin [B or 1, T, R] fp32."""
-    if not isinstance(x, torch.Tensor) or not isinstance(cos, torch.Tensor) or not isinstance(sin, torch.Tensor) \
-            or not (weight is None or isinstance(weight, torch.Tensor)):
-        return _plan_norm_rope(x, weight, cos, sin)  # raises the type error
-    key = (tensor_key(x), tensor_key(weight), tensor_key(cos), tensor_key(sin))
-    out_dtype, plan = _PLANS.get(key, lambda: _plan_norm_rope(x, weight, cos, sin))
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+def launch_norm_rope(x, weight, eps, cos, sin, out=None, rows=None, v=None, v_out=None) -> torch.Tensor:
+    """x [B, T, H, D]; weight [D] or None (no norm); cos, sin [B or 1, T, R] fp32. Returns a new
+    [B, T, H, D] tensor, or with out/rows (and the passenger v/v_out) writes the [B, H, L, D]
+    buffers in place at rows and returns out."""
+    tensors = (x, weight, cos, sin, out, rows, v, v_out)
+    if not all(t is None or isinstance(t, torch.Tensor) for t in tensors) or x is None or cos is None or sin is None:
+        return _plan_norm_rope(*tensors)  # raises the type error
+    key = tuple(tensor_key(t) for t in tensors)
+    out_dtype, plan = _PLANS.get(key, lambda: _plan_norm_rope(*tensors))
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device) if out is None else out
     if plan is None:
         return y
     if plan["x_copy"]:
         x = x.contiguous()
+    if plan["v_copy"]:
+        v = v.contiguous()
     if plan["rope_copy"]:
         cos, sin = cos.contiguous(), sin.contiguous()
     if weight is not None and plan["weight_copy"]:
@@ -178,7 +240,10 @@ def launch_norm_rope(x, weight, eps, cos, sin) -> torch.Tensor:
         x, *plan["x_strides"],
         weight if weight is not None else x,
         cos, sin, *plan["rope_strides"],
-        y, *plan["sizes"], float(eps), plan["n_pos"],
+        y, *plan["y_strides"],
+        rows if rows is not None else x, plan["n_rows"],
+        v if v is not None else x, *plan["v_strides"], v_out if v_out is not None else y,
+        *plan["sizes"], float(eps), plan["n_pos"],
         **plan["constants"],
     )
     return y
