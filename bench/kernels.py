@@ -30,7 +30,7 @@ import torch
 import triton
 
 from difuse.patterns import add_rms_norm as add_rms_norm_mod
-from difuse.patterns import confidence, qk_norm, rms_norm, rope, swiglu
+from difuse.patterns import attention, confidence, kv_write, qk_norm, rms_norm, rope, swiglu
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -88,6 +88,37 @@ def _selection_case(pattern, shape_label, fused_select, ref_select, logits, bloc
                 bytes_moved=nbytes, check=check)
 
 
+def _cache_write_case(rows: int, heads: int, head_dim: int, cache_length: int, opts: dict) -> Case:
+    """A step's k/v (views of a fused QKV output) rotated and written into the cache buffers at
+    rows [cache_length - rows, cache_length). Repeated calls rewrite the same rows."""
+    qkv = torch.randn(1, rows, 3 * heads, head_dim, **opts)
+    k, v = qkv[:, :, heads:2 * heads], qkv[:, :, 2 * heads:]
+    angles = torch.randn(1, rows, head_dim // 2, device=opts["device"])
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    where = torch.arange(cache_length - rows, cache_length, device=opts["device"])
+    keys, values = (torch.zeros(1, heads, cache_length, head_dim, **opts) for _ in range(2))
+    args = (k, cos, sin, where, keys, values, v)
+
+    def check():
+        fused = kv_write.fused_rope_kv_write(k, cos, sin, where, keys.clone(), values.clone(), v)
+        _close(fused, kv_write.rope_kv_write(k, cos, sin, where, keys.clone(), values.clone(), v))
+
+    return Case("rope_kv_write", f"{rows}x{heads}x{head_dim}", kv_write.fused_rope_kv_write, kv_write.rope_kv_write,
+                args, kv_write.kv_write_bytes(k, cos, where, keys, v), check)
+
+
+def _attention_case(batch: int, block: int, context: int, heads: int, head_dim: int, opts: dict) -> Case:
+    """A dual-cache step: `block` query rows per sequence over the whole `context`, with a
+    key-padding bias (the first sequence's first 16 keys padded)."""
+    q = torch.randn(batch, block, heads, head_dim, **opts).transpose(1, 2)
+    k, v = (torch.randn(batch, heads, context, head_dim, **opts) for _ in range(2))
+    bias = torch.zeros(batch, 1, 1, context, **opts)
+    bias[0, ..., :16] = torch.finfo(bias.dtype).min
+    return _elementwise_case("attention", f"{batch}x{block}x{context}", attention.fused_attention,
+                             attention.attention_reference, (q, k, v, bias), {},
+                             attention.attention_bytes(q, k, v, bias))
+
+
 def build_cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
     rows_list = [5] if quick else [32, 256, 1024, 4096]
     hiddens = [256] if quick else [4096, 2048]
@@ -122,6 +153,10 @@ def build_cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
                                        rope.rope_bytes(q, cos, sin)))
         cases.append(_elementwise_case("qk_norm_rope", label, qk_norm.fused_qk_norm_rope, qk_norm.qk_norm_rope,
                                        (q, qw, 1e-6, cos, sin), {}, qk_norm.qk_norm_rope_bytes(q, qw, 1e-6, cos, sin)))
+        cases.append(_cache_write_case(rows, heads, head_dim, rows + (16 if quick else 512), opts))
+        block, context = (4, 24) if quick else (32, 768)
+        if rows % block == 0 or quick:
+            cases.append(_attention_case(max(1, rows // block), block, context, heads, head_dim, opts))
         for vocab in vocabs:
             label = f"{rows}x{vocab}"
             logits = torch.randn(rows, vocab, device=device) * 4

@@ -4,6 +4,7 @@ FusionScheduler."""
 import difuse.fusion  # noqa: F401,I001  (on CPU-only hosts, selects the Triton interpreter before triton loads)
 from difuse.patterns import (  # noqa: F401  (importing registers the patterns)
     add_rms_norm,
+    attention,
     confidence,
     kv_write,
     qk_norm,

@@ -10,8 +10,6 @@ A cached step rotates its new keys and writes them, with its new values, into th
 Unfused that is a rope kernel, a [B, T, H, D] temporary and two scatter kernels per layer; fused,
 one kernel reads k and v once and writes the rotated keys and the values straight into the buffers.
 """
-import torch
-
 from difuse.patterns.qk_norm import qk_norm_rope
 from difuse.patterns.rope import apply_rope, launch_norm_rope
 

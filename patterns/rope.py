@@ -124,6 +124,14 @@ def _norm_rope_kernel(
         tl.store(vy_ptr + out_offset + features, passenger, mask=v_mask & out_ok)
 
 
+# Launch shape (tuned on an H100 over rows 32..4096 of 32 heads x 128): values per program, values
+# per warp, programs per SM kept when growing tiles, and the fewest programs per SM for small grids.
+TILE_VALUES = 4096
+VALUES_PER_WARP = 1024
+PROGRAMS_PER_SM = 8
+MIN_PROGRAMS_PER_SM = 2
+
+
 def _check_destination(name: str, dest: torch.Tensor, batch: int, heads: int, head_dim: int, dtype) -> None:
     """dest: a [B, H, L, D] buffer (unit stride in D) the kernel writes rows of in place."""
     if not isinstance(dest, torch.Tensor):
@@ -189,14 +197,18 @@ def _plan_norm_rope(x, weight, cos, sin, out=None, rows=None, v=None, v_out=None
     # [B, T, H, D] contiguous, or the buffer [B, H, L, D] addressed as (b, row, h)
     y_strides = (T * H * D, H * D, D) if out is None else (out.stride(0), out.stride(2), out.stride(1))
     block_half, block_pass = next_pow2(R // 2), next_pow2(D - R)
-    block_h = min(next_pow2(H), max(1, 4096 // next_pow2(D)))
+    block_h = min(next_pow2(H), max(1, TILE_VALUES // next_pow2(D)))
+    # A step's few positions: split the heads until the grid fills the GPU.
+    while block_h > 1 and B * T * cdiv(H, block_h) < MIN_PROGRAMS_PER_SM * sm_count(x.device):
+        block_h //= 2
     head_tiles = cdiv(H, block_h)
     row_elements = block_h * (2 * block_half + (block_pass if R < D else 0)) * (2 if v is not None else 1)
-    # At least ~4K values (8 KB of bf16) per program in one tile while >= 8 programs per SM remain,
-    # ~32 values per thread: at 4096x32x128 bf16 a program of 4 warps takes ~70 registers (ptxas),
-    # so 7 programs (56 KB of loads in flight) fit on an SM.
+    # Many positions: ~TILE_VALUES values per program in one tile while >= PROGRAMS_PER_SM programs
+    # per SM remain, VALUES_PER_WARP values per warp: at 4096x32x128 bf16 a program of 4 warps takes
+    # ~70 registers (ptxas), so 7 programs (56 KB of loads in flight) fit on an SM.
     block_pos = 1
-    while block_pos * row_elements < 4096 and cdiv(B * T, 2 * block_pos) * head_tiles >= 8 * sm_count(x.device):
+    while block_pos * row_elements < TILE_VALUES \
+            and cdiv(B * T, 2 * block_pos) * head_tiles >= PROGRAMS_PER_SM * sm_count(x.device):
         block_pos *= 2
     launch = dict(
         x_copy=x_copy, v_copy=v_copy, rope_copy=rope_copy,
@@ -208,7 +220,7 @@ def _plan_norm_rope(x, weight, cos, sin, out=None, rows=None, v=None, v_out=None
         constants=dict(NORM=weight is not None, HAS_PASS=R < D, ROWS=out is not None, PASSENGER=v is not None,
                        BLOCK_POS=block_pos, BLOCK_H=block_h,
                        BLOCK_HALF=block_half, BLOCK_PASS=block_pass, BLOCK_D=next_pow2(D),
-                       num_warps=max(1, min(8, block_pos * row_elements // 1024))),
+                       num_warps=max(1, min(8, block_pos * row_elements // VALUES_PER_WARP))),
     )
     return out_dtype, launch
 

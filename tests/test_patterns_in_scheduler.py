@@ -22,8 +22,8 @@ def test_decode_step_runs_on_pattern_kernels(device, tmp_path):
     scheduler = FusionScheduler(FusionConfig(debug_mode=True, fallback_on_error=False, cache_dir=tmp_path))
     program = scheduler.compile(graph, *args[:4], tokens.clone(), *args[5:])
     fused = sorted(g.name for g in program.fused_groups if g.kind == "pattern")
-    assert fused == ["add_rms_norm", "add_rms_norm", "confidence_threshold_select", "rms_norm", "rope", "rope",
-                     "swiglu"]
+    assert fused == ["add_rms_norm", "add_rms_norm", "attention", "confidence_threshold_select", "rms_norm", "rope",
+                     "rope", "swiglu"]
     fused_tokens, eager_tokens = tokens.clone(), tokens.clone()
     out = program(*args[:4], fused_tokens, *args[5:])
     ref = step(*args[:4], eager_tokens, *args[5:])

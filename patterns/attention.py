@@ -1,0 +1,324 @@
+"""Attention of a denoise step's few query rows over the whole cached sequence.
+
+q: [B, Hq, T, D]; k, v: [B, Hkv, S, D] with Hq a multiple of Hkv (grouped heads); bias: an
+additive float bias broadcastable to [B, Hq, T, S] (key padding, block-causal) or None;
+out = softmax(q k^T * scale + bias) v, in q's dtype, as F.scaled_dot_product_attention.
+
+A cached step has T = 32..64 query rows per sequence against S = hundreds to thousands of keys, so
+at small batch there are too few (batch, head) pairs to fill the GPU. The kernel splits the keys
+(flash-decoding): each program reduces one slice of keys for one (batch, head, query tile) to a
+partial output with its running max and sum, and a second kernel merges the slices. With enough
+(batch, head, query tile) programs it runs unsplit and writes the output directly.
+"""
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def attention_reference(q, k, v, bias=None, scale=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from difuse.patterns._rows import (  # noqa: E402
+    PlanCache,
+    cdiv,
+    check_float,
+    check_runtime_device,
+    check_same_device,
+    next_pow2,
+    sm_count,
+    tensor_key,
+)
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, q_sb, q_sh, q_st,
+    k_ptr, k_sb, k_sh, k_ss,
+    v_ptr, v_sb, v_sh, v_ss,
+    bias_ptr, bias_sb, bias_sh, bias_st,  # unit stride over keys; 0 strides on broadcast dims
+    out_ptr, o_sb, o_sh, o_st,  # the output (unsplit)
+    part_ptr, stats_ptr,  # split: fp32 partial outputs [B*Hq, splits, T, D], (max, sum) [B*Hq, splits, T, 2]
+    Hq, T, S, D, group, scale, keys_per_split, n_splits,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 dots at full precision, not TF32
+    WIDEN: tl.constexpr,  # bf16 operands widened to fp32 (the interpreter's bf16 tl.dot is wrong)
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    kv_h = h // group
+    t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    t_ok = t < T
+    d_ok = d < D
+    q = tl.load(q_ptr + b.to(tl.int64) * q_sb + h * q_sh + t[:, None] * q_st + d[None, :],
+                mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+    if WIDEN:
+        q = q.to(tl.float32)
+    k_base = k_ptr + b.to(tl.int64) * k_sb + kv_h * k_sh
+    v_base = v_ptr + b.to(tl.int64) * v_sb + kv_h * v_sh
+    bias_base = bias_ptr + b.to(tl.int64) * bias_sb + h * bias_sh + t[:, None] * bias_st
+    # Running max and sum in natural-log units: a bias of the dtype's most negative finite value
+    # would overflow to -inf if scaled by log2(e) before the subtraction.
+    m_i = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_T], tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, S)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < end
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + n[:, None] * k_ss + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n[:, None] * v_ss + d[None, :], mask=kv_mask, other=0.0)
+        if WIDEN:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        if HAS_BIAS:
+            s += tl.load(bias_base + n[None, :], mask=t_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2((m_i - m_new) * 1.4426950408889634)
+        p = tl.exp2((s - m_new[:, None]) * 1.4426950408889634)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    if SPLIT:
+        slot = (bh.to(tl.int64) * n_splits + split) * T + t
+        tl.store(part_ptr + slot[:, None] * D + d[None, :], acc, mask=t_ok[:, None] & d_ok[None, :])
+        tl.store(stats_ptr + slot * 2, m_i, mask=t_ok)
+        tl.store(stats_ptr + slot * 2 + 1, l_i, mask=t_ok)
+    else:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + b.to(tl.int64) * o_sb + h * o_sh + t[:, None] * o_st + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_ptr, stats_ptr, out_ptr, o_sb, o_sh, o_st,
+    Hq, T, D, n_splits,
+    BLOCK_SPLITS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One (batch, head, query row): the slices' partial outputs weighted by exp(max_j - max)."""
+    row = tl.program_id(0)
+    bh = row // T
+    t = row % T
+    b = bh // Hq
+    h = bh % Hq
+    splits = tl.arange(0, BLOCK_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    split_ok = splits < n_splits
+    slot = (bh.to(tl.int64) * n_splits + splits) * T + t
+    m = tl.load(stats_ptr + slot * 2, mask=split_ok, other=float("-inf"))
+    l_split = tl.load(stats_ptr + slot * 2 + 1, mask=split_ok, other=0.0)
+    weight = tl.where(split_ok, tl.exp2((m - tl.max(m, axis=0)) * 1.4426950408889634), 0.0)
+    parts = tl.load(part_ptr + slot[:, None] * D + d[None, :], mask=split_ok[:, None] & (d[None, :] < D), other=0.0)
+    out = tl.sum(parts * weight[:, None], axis=0) / tl.sum(l_split * weight, axis=0)
+    tl.store(out_ptr + b.to(tl.int64) * o_sb + h * o_sh + t * o_st + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+# Launch shape (tuned on an H100 at 32 query rows over 768 keys, 32 heads x 128): keys per
+# iteration, programs per SM to reach by splitting the keys, warps and pipeline stages.
+BLOCK_KEYS = 64
+PROGRAMS_PER_SM = 1
+NUM_WARPS = 4
+NUM_STAGES = 3
+
+
+def _plan_attention(q, k, v, bias, out_stride):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-d [B, heads, tokens, D], got shape {tuple(t.shape)}")
+    B, Hq, T, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or Hq % k.shape[1]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B, Hkv, S, D] with Hkv dividing "
+                         f"the {Hq} query heads, for q {tuple(q.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    S = k.shape[2]
+    bias_strides = (0, 0, 0)
+    if bias is not None:
+        check_float("bias", bias)
+        try:
+            expanded = bias.expand(B, Hq, T, S)
+        except RuntimeError:
+            raise ValueError(f"bias {tuple(bias.shape)} does not broadcast to [B, Hq, T, S] = "
+                             f"{(B, Hq, T, S)}") from None
+        if S > 1 and expanded.stride(3) != 1:
+            raise ValueError("bias must have unit stride over keys")
+        bias_strides = expanded.stride()[:3]
+    if out_stride is not None and len(out_stride) != 4:
+        raise ValueError(f"out_stride must have 4 entries, got {out_stride}")
+    check_same_device(q=q, k=k, v=v, bias=bias)
+    check_runtime_device(q)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if D > 1 and t.stride(3) != 1:
+            raise ValueError(f"{name} must have unit stride in its last dim")
+    widen = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    block_t = min(64, max(16, next_pow2(T)))
+    block_n = BLOCK_KEYS if D <= 128 else BLOCK_KEYS // 2
+    programs = B * Hq * cdiv(T, block_t)
+    # Split the keys only when (batch, head, query tile) programs are too few to fill the GPU.
+    splits = min(cdiv(PROGRAMS_PER_SM * sm_count(q.device), programs), cdiv(S, block_n)) if S else 1
+    keys_per_split = cdiv(cdiv(S, max(splits, 1)), block_n) * block_n if S else block_n
+    splits = max(1, cdiv(S, keys_per_split))
+    return dict(
+        shape=(B, Hq, T, D), S=S, group=Hq // k.shape[1], bias_strides=bias_strides,
+        out_stride=tuple(out_stride) if out_stride is not None else None,
+        splits=splits, keys_per_split=keys_per_split, grid=(B * Hq, splits, cdiv(T, block_t)),
+        constants=dict(HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=q.dtype == torch.float32 or widen, WIDEN=widen,
+                       BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)),
+                       num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+        merge=dict(BLOCK_SPLITS=next_pow2(splits), BLOCK_D=next_pow2(D), num_warps=max(1, min(4, D // 32))),
+    )
+
+
+_PLANS = PlanCache()
+
+
+def fused_attention(q, k, v, bias=None, scale=None, out_stride=None):
+    """Triton attention over [B, Hq, T, D] queries and [B, Hkv, S, D] keys/values; out_stride
+    (optional) lays the [B, Hq, T, D] output out with those strides (e.g. [B, T, Hq, D] memory)."""
+    tensors = (q, k, v, bias)
+    if not all(isinstance(t, torch.Tensor) for t in tensors[:3]) or not isinstance(bias, (torch.Tensor, type(None))):
+        raise TypeError("q, k, v must be tensors and bias a tensor or None")
+    key = (*(tensor_key(t) for t in tensors), None if out_stride is None else tuple(out_stride))
+    plan = _PLANS.get(key, lambda: _plan_attention(q, k, v, bias, out_stride))
+    B, Hq, T, D = plan["shape"]
+    if plan["out_stride"] is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    else:
+        out = torch.empty_strided(q.shape, plan["out_stride"], dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    c = plan["constants"]
+    if c["SPLIT"]:
+        part = torch.empty((B * Hq, plan["splits"], T, D), dtype=torch.float32, device=q.device)
+        stats = torch.empty((B * Hq, plan["splits"], T, 2), dtype=torch.float32, device=q.device)
+    else:
+        part = stats = out
+    _attention_kernel[plan["grid"]](
+        q, q.stride(0), q.stride(1), q.stride(2),
+        k, k.stride(0), k.stride(1), k.stride(2),
+        v, v.stride(0), v.stride(1), v.stride(2),
+        bias if bias is not None else q, *plan["bias_strides"],
+        out, out.stride(0), out.stride(1), out.stride(2),
+        part, stats,
+        Hq, T, plan["S"], D, plan["group"], scale, plan["keys_per_split"], plan["splits"],
+        **c,
+    )
+    if c["SPLIT"]:
+        _merge_splits_kernel[(B * Hq * T,)](
+            part, stats, out, out.stride(0), out.stride(1), out.stride(2), Hq, T, D, plan["splits"],
+            **plan["merge"],
+        )
+    return out
+
+
+def attention_bytes(q, k, v, bias=None) -> int:
+    """q read, the output written, every key and value read once, the bias read once."""
+    moved = 2 * q.numel() * q.element_size() + k.numel() * k.element_size() + v.numel() * v.element_size()
+    return moved + (bias.numel() * bias.element_size() if bias is not None else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pattern: one scaled-dot-product-attention backend op, as F.scaled_dot_product_attention records
+# it on the device at hand (cuDNN, memory-efficient or flash on CUDA, flash on CPU), with no dropout,
+# not causal, a float bias or none. Only its attention output may be read. The recorded output's
+# strides are kept (the backends lay it out like q, and later views rely on that).
+
+from difuse.fusion.ir import Ref  # noqa: E402
+from difuse.fusion.pattern import Pattern, register  # noqa: E402
+from difuse.patterns._match import Walker, no_overlap  # noqa: E402
+
+SDPA_OPS = {
+    "aten._scaled_dot_product_cudnn_attention.default": "attn_bias",
+    "aten._scaled_dot_product_efficient_attention.default": "attn_bias",
+    "aten._scaled_dot_product_flash_attention.default": None,
+    "aten._scaled_dot_product_flash_attention_for_cpu.default": "attn_mask",
+    "aten._scaled_dot_product_fused_attention_overrideable.default": "attn_bias",
+}
+
+
+def _bound_arguments(node) -> dict:
+    """The op's arguments by schema name, defaults filled in."""
+    bound = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args) and not arg.kwarg_only:
+            bound[arg.name] = node.args[i]
+        else:
+            bound[arg.name] = node.kwargs.get(arg.name, arg.default_value if arg.has_default_value() else None)
+    return bound
+
+
+def match_attention_at(walker: Walker, index: int) -> dict | None:
+    node = walker.graph.nodes[index]
+    if node.op not in SDPA_OPS:
+        return None
+    arguments = _bound_arguments(node)
+    if arguments.get("dropout_p") or arguments.get("is_causal") or arguments.get("return_debug_mask"):
+        return None
+    q, k, v = (arguments[name] for name in ("query", "key", "value"))
+    bias = arguments.get(SDPA_OPS[node.op]) if SDPA_OPS[node.op] else None
+    scale = arguments.get("scale")
+    if not all(isinstance(t, Ref) for t in (q, k, v)) or not (bias is None or isinstance(bias, Ref)) \
+            or not (scale is None or isinstance(scale, float)):
+        return None
+    if bias is not None and not walker.dtype(bias.name).is_floating_point:
+        return None
+    walker.taken.append(index)
+    out = node.outputs[0]
+    inputs = (q.name, k.name, v.name) + ((bias.name,) if bias is not None else ())
+    return {"inputs": inputs, "out": out, "scale": scale, "out_stride": tuple(walker.graph.meta[out].stride)}
+
+
+class AttentionPattern(Pattern):
+    name = "attention"
+    priority = 5
+
+    def match(self, graph):
+        matches = []
+        for index in range(len(graph.nodes)):
+            walker = Walker(graph)
+            found = match_attention_at(walker, index)
+            if found and walker.closed([found["out"]]):
+                matches.append(walker.match(self.name, found["inputs"], (found["out"],), scale=found["scale"],
+                                            out_stride=found["out_stride"]))
+        return no_overlap(matches)
+
+    def reference(self, q, k, v, bias=None, scale=None, out_stride=None):
+        return attention_reference(q, k, v, bias, scale)
+
+    def kernel(self, q, k, v, bias=None, scale=None, out_stride=None):
+        return fused_attention(q, k, v, bias, scale, out_stride)
+
+    def bytes_moved(self, q, k, v, bias=None, scale=None, out_stride=None):
+        return attention_bytes(q, k, v, bias)
+
+
+register(AttentionPattern())
