@@ -118,26 +118,29 @@ def _attention_kernel(
 @triton.jit
 def _merge_splits_kernel(
     part_ptr, stats_ptr, out_ptr, o_sb, o_sh, o_st,
-    Hq, T, D, n_splits,
+    Hq, T, D, n_splits, n_rows,  # n_rows = B * Hq * T
     BLOCK_SPLITS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One (batch, head, query row): the slices' partial outputs weighted by exp(max_j - max)."""
-    row = tl.program_id(0)
-    bh = row // T
-    t = row % T
-    b = bh // Hq
+    """BLOCK_ROWS (batch, head, query row)s: the slices' partial outputs weighted by exp(max_j - max)."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [R]
+    row_ok = rows < n_rows
+    bh = rows // T
+    t = rows % T
+    splits = tl.arange(0, BLOCK_SPLITS)[:, None]  # [S, 1]
+    d = tl.arange(0, BLOCK_D)[None, None, :]  # [1, 1, D]
+    ok = (splits < n_splits) & row_ok[None, :]  # [S, R]
+    slot = (bh.to(tl.int64)[None, :] * n_splits + splits) * T + t[None, :]  # [S, R]
+    m = tl.load(stats_ptr + slot * 2, mask=ok, other=float("-inf"))
+    l_split = tl.load(stats_ptr + slot * 2 + 1, mask=ok, other=0.0)
+    parts = tl.load(part_ptr + slot[:, :, None] * D + d, mask=ok[:, :, None] & (d < D), other=0.0)
+    weight = tl.where(ok, tl.exp2((m - tl.max(m, axis=0)[None, :]) * 1.4426950408889634), 0.0)
+    out = tl.sum(parts * weight[:, :, None], axis=0) / tl.sum(l_split * weight, axis=0)[:, None]  # [R, D]
+    b = (bh // Hq).to(tl.int64)
     h = bh % Hq
-    splits = tl.arange(0, BLOCK_SPLITS)
-    d = tl.arange(0, BLOCK_D)
-    split_ok = splits < n_splits
-    slot = (bh.to(tl.int64) * n_splits + splits) * T + t
-    m = tl.load(stats_ptr + slot * 2, mask=split_ok, other=float("-inf"))
-    l_split = tl.load(stats_ptr + slot * 2 + 1, mask=split_ok, other=0.0)
-    weight = tl.where(split_ok, tl.exp2((m - tl.max(m, axis=0)) * 1.4426950408889634), 0.0)
-    parts = tl.load(part_ptr + slot[:, None] * D + d[None, :], mask=split_ok[:, None] & (d[None, :] < D), other=0.0)
-    out = tl.sum(parts * weight[:, None], axis=0) / tl.sum(l_split * weight, axis=0)
-    tl.store(out_ptr + b.to(tl.int64) * o_sb + h * o_sh + t * o_st + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+    target = out_ptr + (b * o_sb + h * o_sh + t * o_st)[:, None] + tl.arange(0, BLOCK_D)[None, :]
+    tl.store(target, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (tl.arange(0, BLOCK_D)[None, :] < D))
 
 
 # Launch shape (tuned on an H100 at 32 query rows over 768 keys, 32 heads x 128): keys per
@@ -186,6 +189,11 @@ def _plan_attention(q, k, v, bias, out_stride):
     splits = min(cdiv(PROGRAMS_PER_SM * sm_count(q.device), programs), cdiv(S, block_n)) if S else 1
     keys_per_split = cdiv(cdiv(S, max(splits, 1)), block_n) * block_n if S else block_n
     splits = max(1, cdiv(S, keys_per_split))
+    # The merge: up to ~8K partial values per program while every SM keeps one.
+    merge_rows = 1
+    while merge_rows * 2 * next_pow2(splits) * next_pow2(D) <= 8192 \
+            and B * Hq * T // (2 * merge_rows) >= sm_count(q.device):
+        merge_rows *= 2
     return dict(
         shape=(B, Hq, T, D), S=S, group=Hq // k.shape[1], bias_strides=bias_strides,
         out_stride=tuple(out_stride) if out_stride is not None else None,
@@ -193,7 +201,8 @@ def _plan_attention(q, k, v, bias, out_stride):
         constants=dict(HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=q.dtype == torch.float32 or widen, WIDEN=widen,
                        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)),
                        num_warps=NUM_WARPS, num_stages=NUM_STAGES),
-        merge=dict(BLOCK_SPLITS=next_pow2(splits), BLOCK_D=next_pow2(D), num_warps=max(1, min(4, D // 32))),
+        merge_grid=(cdiv(B * Hq * T, merge_rows),),
+        merge=dict(BLOCK_SPLITS=next_pow2(splits), BLOCK_ROWS=merge_rows, BLOCK_D=next_pow2(D), num_warps=4),
     )
 
 
@@ -233,8 +242,8 @@ def fused_attention(q, k, v, bias=None, scale=None, out_stride=None):
         **c,
     )
     if c["SPLIT"]:
-        _merge_splits_kernel[(B * Hq * T,)](
-            part, stats, out, out.stride(0), out.stride(1), out.stride(2), Hq, T, D, plan["splits"],
+        _merge_splits_kernel[plan["merge_grid"]](
+            part, stats, out, out.stride(0), out.stride(1), out.stride(2), Hq, T, D, plan["splits"], B * Hq * T,
             **plan["merge"],
         )
     return out

@@ -27,9 +27,10 @@ def step_inputs(shape, dtype, device, bias_kind):
     return q, k, v, torch.randn(B, 1, T, S, device=device, dtype=dtype)  # per query row, shared by heads
 
 
-@pytest.fixture(params=[132, 1], ids=["split-keys", "unsplit"])
+@pytest.fixture(params=[132, 4, 1], ids=["split-keys", "split-keys-merge-row-tiles", "unsplit"])
 def sm_count(request, monkeypatch):
-    """Few programs per SM split the keys; with one SM every (batch, head, tile) program runs unsplit."""
+    """Few programs per SM split the keys (on 4 SMs the merge also takes several rows per program);
+    with one SM every (batch, head, tile) program runs unsplit."""
     monkeypatch.setattr(attention, "sm_count", lambda device: request.param)
     monkeypatch.setattr(attention, "_PLANS", _rows.PlanCache())
     return request.param
