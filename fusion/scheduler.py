@@ -52,6 +52,19 @@ class Group:
         return self.decision is not None and self.decision.fuse
 
 
+def _alike(graph: SubGraph, g: Group) -> tuple:
+    """What a group's kernel, reference and timing depend on: the same key, the same decision."""
+    inputs = tuple((graph.meta[n].shape, graph.meta[n].dtype, graph.meta[n].stride) for n in g.inputs)
+    return (g.kind, g.name, g.compiled.key if g.compiled else None, inputs, repr(sorted(g.params.items())))
+
+
+def _share_decision(first: Group, g: Group) -> None:
+    """g takes the decision (and the measured figures) of `first`, a group alike it."""
+    g.decision = first.decision
+    for name in ("decision", "reason", "decided_by", "bytes_moved", "t_fused", "t_fallback", "timing"):
+        setattr(g.record, name, getattr(first.record, name))
+
+
 def dependencies(graph: SubGraph) -> list[set[int]]:
     """deps[i]: nodes that must run before node i -- data edges plus the order of reads and
     in-place writes of every storage (aliases included)."""
@@ -258,10 +271,22 @@ class FusionScheduler:
                 groups.append(Group("generic", "generic", tuple(nodes), list(sub.inputs), list(sub.outputs)))
         for g in groups:
             self._decide_static(graph, g)
-        values = self._example_values(graph, groups, args)
+        # Groups alike in everything a kernel sees (every layer's rope, say) are tried, validated
+        # and profiled once, on the first one's values: capturing every layer's inputs would copy
+        # each buffer written in place (a whole KV cache) to keep its value before the write.
+        firsts: dict[tuple, Group] = {}
         for g in groups:
             if g.fused:
+                firsts.setdefault(_alike(graph, g), g)
+        values = self._example_values(graph, list(firsts.values()), args)
+        for g in groups:
+            if not g.fused:
+                continue
+            first = firsts[_alike(graph, g)]
+            if first is g:
                 self._decide_dynamic(graph, g, values, args)
+            else:
+                _share_decision(first, g)
         program = self._build(graph, groups, deps)
         self._report.compile_seconds += time.perf_counter() - start
         return program

@@ -136,7 +136,8 @@ def _merge_splits_kernel(
     l_split = tl.load(stats_ptr + slot * 2 + 1, mask=ok, other=0.0)
     parts = tl.load(part_ptr + slot[:, :, None] * D + d, mask=ok[:, :, None] & (d < D), other=0.0)
     weight = tl.where(ok, tl.exp2((m - tl.max(m, axis=0)[None, :]) * 1.4426950408889634), 0.0)
-    out = tl.sum(parts * weight[:, :, None], axis=0) / tl.sum(l_split * weight, axis=0)[:, None]  # [R, D]
+    total = tl.where(row_ok, tl.sum(l_split * weight, axis=0), 1.0)  # rows past the end: no 0 / 0
+    out = tl.sum(parts * weight[:, :, None], axis=0) / total[:, None]  # [R, D]
     b = (bh // Hq).to(tl.int64)
     h = bh % Hq
     target = out_ptr + (b * o_sb + h * o_sh + t * o_st)[:, None] + tl.arange(0, BLOCK_D)[None, :]

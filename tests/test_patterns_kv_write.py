@@ -119,3 +119,24 @@ def test_cached_forward_fuses_the_cache_write(device, tmp_path, family, pattern)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     for fused_buffer, eager_buffer in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
         torch.testing.assert_close(fused_buffer, eager_buffer, atol=1e-5, rtol=1e-5)
+
+
+def test_alike_groups_are_tried_once(device, tmp_path, monkeypatch):
+    """Every layer's cache write is alike: the scheduler tries and validates the kernel on the first
+    layer's values only (capturing every layer's would copy the whole KV cache)."""
+    from difuse.patterns.kv_write import RoPEKVWritePattern
+    calls = []
+    kernel = RoPEKVWritePattern.kernel
+    monkeypatch.setattr(RoPEKVWritePattern, "kernel", lambda self, *a: calls.append(1) or kernel(self, *a))
+    model = build_random_model(TINY_OF["llada-8b"], torch.device(device), torch.float32)
+    cache = StaticKVCache(model.num_layers, 1, model.num_kv_heads, 8, model.head_dim, torch.float32, device)
+    rows = torch.arange(2, 6, device=device)
+    cache.bind(rows, key_padding_bias(torch.tensor([0], device=device), 8, torch.float32))
+    ids = torch.randint(0, 50, (1, 4), device=device)
+    with torch.inference_mode():
+        graph = record(lambda ids, positions: model(ids, positions, cache), ids, rows[None])
+        config = FusionConfig(debug_mode=True, fallback_on_error=False, profile=False, cache_dir=tmp_path)
+        program = FusionScheduler(config).compile(graph, ids, rows[None])
+    writes = [g for g in program.fused_groups if g.name == "rope_kv_write"]
+    assert model.num_layers > 1 and len(writes) == model.num_layers and len(calls) == 1
+    assert len({(g.record.decision, g.record.reason) for g in writes}) == 1
