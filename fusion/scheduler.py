@@ -342,6 +342,13 @@ class FusionScheduler:
                     place.setdefault(max(g.nodes), []).append(n)
         env: dict[str, Any] = dict(graph.constants)
         env.update({name: args[pos] for name, pos in graph.inputs.items()})
+        # Each intermediate is dropped after its last reader (or capture): a step's activations at
+        # a large batch would not fit next to the model and its caches all at once.
+        last_use: dict[str, int] = {}
+        for i, node in enumerate(graph.nodes):
+            for n in [*node.inputs, *place.get(i, [])]:
+                last_use[n] = i
+        kept = set(env) | {x.name for x in graph.output_leaves if isinstance(x, Ref)}
         captured: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for i, node in enumerate(graph.nodes):
@@ -353,6 +360,9 @@ class FusionScheduler:
                 for name, value in zip(node.out_leaves, tree_flatten(result)[0]):
                     if name is not None:
                         env[name] = value
+                for n in [*node.inputs, *node.outputs]:
+                    if last_use.get(n, i) <= i and n not in kept:
+                        env.pop(n, None)
         self._first_output = tree_unflatten(
             [env[x.name] if isinstance(x, Ref) else x for x in graph.output_leaves], graph.output_spec)
         return captured
