@@ -15,12 +15,14 @@ are baked in.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .ir import OpNode, Ref, ScalarArg, SubGraph, ValueMeta
 
@@ -37,17 +39,21 @@ class _Recorder(TorchDispatchMode):
     def __init__(self, args: tuple, fake: bool):
         super().__init__()
         self.fake = fake
-        self.names: dict[int, str] = {}
-        self.alive: list[torch.Tensor] = []  # keeps ids unique while recording
+        # Intermediates are not kept alive (a large step's activations would not fit twice): a name
+        # leaves with its tensor, and a storage id with the last named tensor on that storage, so
+        # a new tensor reusing a dead one's id or memory is never taken for it.
+        self.names: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.nodes: list[OpNode] = []
         self.meta: dict[str, ValueMeta] = {}
         self.constants: dict[str, torch.Tensor] = {}
         self.inputs: dict[str, int] = {}
-        self.storages: dict[int, int] = {}
+        self.storages: dict[int, int] = {}  # data_ptr of a live storage -> storage id
+        self.storage_tensors: dict[int, int] = {}  # data_ptr -> live named tensors on it
+        self.storage_count = 0
         self.counter = 0
         for pos, a in enumerate(args):
             if isinstance(a, torch.Tensor):
-                if id(a) in self.names:  # the same tensor passed twice: the first position names it
+                if a in self.names:  # the same tensor passed twice: the first position names it
                     continue
                 name = f"arg{pos}"
                 self.inputs[name] = pos
@@ -56,17 +62,28 @@ class _Recorder(TorchDispatchMode):
     def _storage_id(self, t: torch.Tensor) -> int:
         if self.fake:
             return -1
-        key = t.untyped_storage().data_ptr() if t.untyped_storage().nbytes() else -1 - len(self.storages)
-        return self.storages.setdefault(key, len(self.storages))
+        self.storage_count += 1
+        if not t.untyped_storage().nbytes():
+            return self.storage_count - 1  # empty: aliases nothing
+        key = t.untyped_storage().data_ptr()
+        if key not in self.storages:
+            self.storages[key] = self.storage_count - 1
+        self.storage_tensors[key] = self.storage_tensors.get(key, 0) + 1
+        weakref.finalize(t, self._release_storage, key)
+        return self.storages[key]
+
+    def _release_storage(self, key: int) -> None:
+        self.storage_tensors[key] -= 1
+        if not self.storage_tensors[key]:
+            del self.storage_tensors[key], self.storages[key]
 
     def _bind(self, t: torch.Tensor, name: str) -> None:
-        self.names[id(t)] = name
-        self.alive.append(t)
+        self.names[t] = name
         self.meta[name] = ValueMeta(tuple(t.shape), t.dtype, tuple(t.stride()), str(t.device),
                                     self._storage_id(t))
 
     def name_of(self, t: torch.Tensor) -> str:
-        name = self.names.get(id(t))
+        name = self.names.get(t)
         if name is None:  # a tensor from outside: parameter, buffer, cache -- kept by reference
             name = f"c{len(self.constants)}"
             self.constants[name] = t
@@ -104,7 +121,7 @@ class _Recorder(TorchDispatchMode):
         for k, a in enumerate(schema_args):
             value = args[k] if k < len(args) else kwargs.get(a.name)
             if a.alias_info is not None and a.alias_info.is_write and isinstance(value, torch.Tensor):
-                mutated.append(self.names[id(value)])
+                mutated.append(self.names[value])
         attrs = {}
         for k, a in enumerate(schema_args):
             value = args_t[k] if k < len(args_t) else kwargs_t.get(a.name, a.default_value)

@@ -1,3 +1,5 @@
+import weakref
+
 import pytest
 import torch
 
@@ -124,3 +126,24 @@ def test_inference_mode_records_the_same_ops_as_no_grad():
         inference = [node.op for node in record(step, x, w, block.clone()).nodes]
     assert inference == plain
     assert "aten.to.dtype" not in inference and "aten._softmax.default" in inference
+
+
+def test_recording_does_not_keep_intermediates_alive():
+    """A step's activations are freed as the recorded function goes (as they are when it runs),
+    and memory reused by a later tensor is not taken for the dead one's storage."""
+    alive_during_recording = []
+
+    def step(x):
+        earlier = []
+        for _ in range(4):
+            t = x * 2.0
+            earlier.append(weakref.ref(t))
+            x = t + 1.0
+        del t
+        alive_during_recording.append(sum(ref() is not None for ref in earlier))
+        return x
+
+    graph = record(step, torch.randn(256, 256))
+    assert alive_during_recording and not any(alive_during_recording)
+    storages = [graph.meta[node.outputs[0]].storage for node in graph.nodes]
+    assert len(set(storages)) == len(storages)  # no op's output aliases another's
