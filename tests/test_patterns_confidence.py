@@ -3,13 +3,15 @@ import torch
 from pattern_checks import DTYPES, graph_values, resolve_params
 
 from difuse.fusion.record import record
-from difuse.patterns.confidence import (
+from difuse.patterns.confidence_patterns import (
     ConfidenceThresholdSelectPattern,
     ConfidenceTopKSelectPattern,
     SampledTokenConfidencePattern,
     ThresholdSelectPattern,
     TokenConfidencePattern,
     TopKSelectPattern,
+)
+from difuse.patterns.confidence import (
     choose_splits,
     confidence_select_bytes,
     confidence_threshold_select,

@@ -173,10 +173,8 @@ def test_input_replicas_keep_the_layout_of_views():
 
 @pytest.mark.gpu
 def test_sampled_confidence_passes_debug_validation_in_the_scheduler(device, tmp_path):
-    from difuse.patterns.confidence import (
-        SampledTokenConfidencePattern,
-        token_confidence,
-    )
+    from difuse.patterns.confidence import token_confidence
+    from difuse.patterns.confidence_patterns import SampledTokenConfidencePattern
 
     logits = torch.randn(3, 40, device=device)
     graph = record(token_confidence, logits, 0.7)
