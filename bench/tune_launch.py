@@ -1,0 +1,115 @@
+"""Sweep the named launch constants of the step kernels: patterns.attention (BLOCK_KEYS,
+PROGRAMS_PER_SM, NUM_WARPS, NUM_STAGES) and patterns.rope (TILE_VALUES, VALUES_PER_WARP, ...,
+shared by rope, qk_norm_rope and rope_kv_write), with torch.compile of the reference alongside.
+
+    python -m bench.tune_launch [attention] [rope]   # CUDA: ~3 minutes on an H100
+    python -m bench.tune_launch --quick              # tiny shapes, two settings; the CPU interpreter works
+
+GPU time is measured as in bench.kernels (CUDA graph over rotating input copies of >= 4x L2);
+the six best settings are printed per shape, so the module defaults can be set from measurements.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import difuse.fusion  # noqa: F401  (selects the Triton interpreter on CPU-only hosts)
+import torch
+import triton
+
+from bench.kernels import _time_cpu, rotated_inputs
+from difuse.patterns import _rows, attention, kv_write, rope
+
+
+def _graph_us(fn, sets) -> float:
+    if not torch.cuda.is_available():
+        return _time_cpu(lambda: fn(*sets[0]), 1)
+
+    def replay():
+        for args in sets:
+            fn(*args)
+
+    return triton.testing.do_bench_cudagraph(replay, rep=60, return_mode="median") * 1e3 / len(sets)
+
+
+def sweep(title: str, fused, reference, args: tuple, module, grid: dict, nbytes: int) -> None:
+    """Time `fused` under every combination of the module constants in `grid`, then restore them."""
+    cuda = torch.cuda.is_available()
+    sets = rotated_inputs(args, 4 * torch.cuda.get_device_properties(0).L2_cache_size) if cuda else [args]
+    baseline = f"eager {_graph_us(reference, sets):.2f} us"
+    if cuda:
+        baseline += f", compile {_graph_us(torch.compile(reference, dynamic=False), sets):.2f} us"
+    print(f"== {title}: {baseline}", flush=True)
+    defaults = {name: getattr(module, name) for name in grid}
+    results = []
+    for values in itertools.product(*grid.values()):
+        setting = dict(zip(grid, values))
+        for name, value in setting.items():
+            setattr(module, name, value)
+        module._PLANS = _rows.PlanCache()  # plans hold the launch shape
+        results.append((_graph_us(fused, sets), setting))
+    for name, value in defaults.items():
+        setattr(module, name, value)
+    module._PLANS = _rows.PlanCache()
+    for us, setting in sorted(results, key=lambda r: r[0])[:6]:
+        mark = "*" if setting == defaults else " "
+        print(f" {mark}{us:8.2f} us {nbytes / us / 1e3:7.0f} GB/s  " + " ".join(f"{k}={v}" for k, v in setting.items()),
+              flush=True)
+
+
+def tune_attention(quick: bool, opts: dict) -> None:
+    heads, head_dim, block, context = (4, 32, 4, 40) if quick else (32, 128, 32, 768)
+    for batch in (1,) if quick else (1, 8):
+        q = torch.randn(batch, block, heads, head_dim, **opts).transpose(1, 2)
+        k, v = (torch.randn(batch, heads, context, head_dim, **opts) for _ in range(2))
+        bias = torch.zeros(batch, 1, 1, context, **opts)
+        bias[0, ..., :16] = torch.finfo(bias.dtype).min
+        grid = dict(BLOCK_KEYS=[32, 64], NUM_STAGES=[2]) if quick else dict(
+            BLOCK_KEYS=[32, 64, 128], PROGRAMS_PER_SM=[1, 2, 4, 8], NUM_WARPS=[4, 8], NUM_STAGES=[2, 3])
+        sweep(f"attention {batch}x{block}x{context}", attention.fused_attention, attention.attention_reference,
+              (q, k, v, bias), attention, grid, attention.attention_bytes(q, k, v, bias))
+
+
+def tune_rope(quick: bool, opts: dict) -> None:
+    heads, head_dim = (4, 32) if quick else (32, 128)
+    for rows in (5,) if quick else (32, 4096):
+        x = torch.randn(1, rows, heads, head_dim, **opts)
+        qkv = torch.randn(1, rows, 3 * heads, head_dim, **opts)
+        k, v = qkv[:, :, heads:2 * heads], qkv[:, :, 2 * heads:]
+        angles = torch.randn(1, rows, head_dim // 2, device=opts["device"])
+        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+        where = torch.arange(rows, device=opts["device"]) + 16
+        keys, values = (torch.zeros(1, heads, rows + 16, head_dim, **opts) for _ in range(2))
+        if quick:
+            grid = dict(TILE_VALUES=[1024, 4096])
+        elif rows > 1024:
+            grid = dict(TILE_VALUES=[1024, 2048, 4096, 8192], VALUES_PER_WARP=[256, 512, 1024], PROGRAMS_PER_SM=[4, 8])
+        else:
+            grid = dict(MIN_PROGRAMS_PER_SM=[1, 2, 4, 8], VALUES_PER_WARP=[256, 512, 1024])
+        label = f"{rows}x{heads}x{head_dim}"
+        sweep(f"rope {label}", rope.fused_apply_rope, rope.apply_rope, (x, cos, sin), rope, grid,
+              rope.rope_bytes(x, cos, sin))
+        sweep(f"rope_kv_write {label}", kv_write.fused_rope_kv_write, kv_write.rope_kv_write,
+              (k, cos, sin, where, keys, values, v), rope, grid, kv_write.kv_write_bytes(k, cos, where, keys, v))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kernels", nargs="*", help="attention and/or rope (default: both)")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    kernels = args.kernels or ["attention", "rope"]
+    if set(kernels) - {"attention", "rope"}:
+        parser.error(f"unknown kernels {sorted(set(kernels) - {'attention', 'rope'})}: choose attention and/or rope")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    opts = dict(device=device, dtype=torch.bfloat16)
+    print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu-interpreter (timings mean nothing)'}  "
+          f"torch {torch.__version__}  triton {triton.__version__}   * = the module's default")
+    if "attention" in kernels:
+        tune_attention(args.quick, opts)
+    if "rope" in kernels:
+        tune_rope(args.quick, opts)
+
+
+if __name__ == "__main__":
+    main()
