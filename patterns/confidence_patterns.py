@@ -146,6 +146,26 @@ def _match_write_back(walker: Walker, accept: str, block: str) -> dict | None:
     return {"token": token, "block_out": copy[1].outputs[0]}
 
 
+def _match_accept_and_write(walker: Walker, chosen: str, fill: dict) -> dict | None:
+    """accept = chosen & masked, then the write-back of the accepted tokens: the tail both
+    selections share. Returns the fill, the write-back and accept."""
+    both = walker.sole_user(chosen, ("aten.bitwise_and.Tensor", "aten.logical_and.default"))
+    if both is None or getattr(walker.other_operand(both[1], chosen), "name", None) != fill["masked"]:
+        return None
+    walker.taken.append(both[0])
+    accept = both[1].outputs[0]
+    back = _match_write_back(walker, accept, fill["block"])
+    return back and {**fill, **back, "accept": accept}
+
+
+def _undetached(walker: Walker, value: str) -> str:
+    """Step back over detach ops producing `value`, taking them."""
+    while walker.node(value) is not None and walker.node(value).op == "aten.detach.default":
+        walker.take(value, "aten.detach.default")
+        value = walker.node(value).inputs[0]
+    return value
+
+
 def _match_threshold_select(walker: Walker, eq_index: int) -> dict | None:
     g = walker.graph
     fill = _match_masked_fill(walker, eq_index)
@@ -182,15 +202,8 @@ def _match_threshold_select(walker: Walker, eq_index: int) -> dict | None:
             != g.nodes[eq].outputs[0]:
         return None
     walker.taken.append(either[0])
-    both = walker.sole_user(either[1].outputs[0], ("aten.bitwise_and.Tensor", "aten.logical_and.default"))
-    if both is None or getattr(walker.other_operand(both[1], either[1].outputs[0]), "name", None) != fill["masked"]:
-        return None
-    walker.taken.append(both[0])
-    accept = both[1].outputs[0]
-    back = _match_write_back(walker, accept, fill["block"])
-    if back is None:
-        return None
-    return {**fill, **back, "accept": accept, "threshold": threshold, "threshold_input": threshold_input}
+    written = _match_accept_and_write(walker, either[1].outputs[0], fill)
+    return written and {**written, "threshold": threshold, "threshold_input": threshold_input}
 
 
 def _match_topk_select(walker: Walker, eq_index: int) -> dict | None:
@@ -214,10 +227,7 @@ def _match_topk_select(walker: Walker, eq_index: int) -> dict | None:
     if not last_dim(node.args[1], 2) or getattr(node.args[2], "name", None) != order:
         return None
     # scatter_ destination: empty_like(order) (possibly through detach); source: arange expanded
-    buffer = node.args[0].name
-    while walker.node(buffer) is not None and walker.node(buffer).op == "aten.detach.default":
-        walker.take(buffer, "aten.detach.default")
-        buffer = walker.node(buffer).inputs[0]
+    buffer = _undetached(walker, node.args[0].name)
     if walker.graph.producer(buffer) != empty[0]:
         return None
     walker.taken += [empty[0], scatter[0]]
@@ -225,10 +235,7 @@ def _match_topk_select(walker: Walker, eq_index: int) -> dict | None:
     expand = walker.take(source, "aten.expand.default")
     if expand is None:
         return None
-    source = expand.inputs[0]
-    while walker.node(source) is not None and walker.node(source).op == "aten.detach.default":
-        walker.take(source, "aten.detach.default")
-        source = walker.node(source).inputs[0]
+    source = _undetached(walker, expand.inputs[0])
     arange = walker.take(source, "aten.arange.default")
     if arange is None or arange.args[0] != walker.shape(fill["filled"])[-1]:
         return None
@@ -243,15 +250,8 @@ def _match_topk_select(walker: Walker, eq_index: int) -> dict | None:
     if walker.shape(k) != walker.shape(fill["block"])[:1] or walker.dtype(k) not in (torch.int64, torch.int32):
         return None
     walker.taken.append(less[0])
-    both = walker.sole_user(less[1].outputs[0], ("aten.bitwise_and.Tensor", "aten.logical_and.default"))
-    if both is None or getattr(walker.other_operand(both[1], less[1].outputs[0]), "name", None) != fill["masked"]:
-        return None
-    walker.taken.append(both[0])
-    accept = both[1].outputs[0]
-    back = _match_write_back(walker, accept, fill["block"])
-    if back is None:
-        return None
-    return {**fill, **back, "accept": accept, "k": k}
+    written = _match_accept_and_write(walker, less[1].outputs[0], fill)
+    return written and {**written, "k": k}
 
 
 def _select_candidates(graph, matcher) -> list[tuple[Walker, dict]]:
