@@ -17,9 +17,10 @@ re-laid out (new workspace, new rows) between blocks without changing any row's 
 The layout is rebuilt only when rows join or leave; otherwise the group keeps its workspace and
 moves `block_start` one block right, exactly like Engine.generate.
 
+iteration='block_diffusion' keeps every row on the model's block grid (runtime/layout.py): left
+pads are whole blocks, a row's first block may begin with its prompt's tail, and a new layout
+prefills its exact prefix cache (each row's prompt and committed blocks) before the next block.
 Two settings tie a row's result to the batch it runs in and are served conservatively:
-iteration='block_diffusion' lays every row's prefix out as whole blocks and prefills the exact
-prefix cache of a new layout (a row's prompt and committed blocks) before its next block.
 iteration='smooth' follows the generation's global step (its rows join only a group that has
 not started), and cache='vicinity' recomputes a column window clamped at the sequence ends (its
 rows run one per group).
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -42,6 +42,7 @@ import torch
 
 from difuse.runtime.config import GenerationConfig
 from difuse.runtime.iteration import BlockStats, run_block
+from difuse.runtime.layout import lay_out
 from difuse.runtime.workspace import Workspace, check_iteration
 
 # settings that never enter a step: they may differ inside one group (the fixed schedule's
@@ -111,6 +112,7 @@ class _Group:
         self.rows: list[Sequence] = []
         self.workspace: Workspace | None = None
         self.block_start = 0
+        self.gen_starts: list[int] = []  # per row: the column its generation starts at
         self.global_step = 0
         self.stale = True  # rows joined or left: the layout must be rebuilt before the next block
 
@@ -225,6 +227,10 @@ class BlockBatcher:
         block_stats, start = BlockStats(), time.perf_counter()
         group.global_step = run_block(workspace, config, block_start, group.global_step, block_stats)
         blocks = workspace.tokens[:, block_start:block_start + n].tolist()  # host sync: one per block
+        # a row's generated tokens of this block: not the prompt tail a block-diffusion block may
+        # begin with, nor the columns past gen_length its last block decodes
+        blocks = [block[max(start - block_start, 0):][:sequence.remaining]
+                  for block, start, sequence in zip(blocks, group.gen_starts, group.rows)]
         steps, committed = workspace.steps_taken.tolist(), workspace.committed.tolist()
         elapsed = time.perf_counter() - start
         stats.blocks += 1
@@ -251,34 +257,19 @@ class BlockBatcher:
         group.block_start += n
 
     def _lay_out(self, group: _Group) -> None:
-        """A fresh layout with every row's next block at the same columns (module docstring)."""
+        """A fresh layout with every row's next block at the same columns (runtime/layout.py)."""
         config, rows = group.config, group.rows
-        prefixes = [s.prompt + s.generated for s in rows]
-        multiple = config.prompt_multiple
-        if config.iteration == "block_diffusion":  # whole blocks before the current one: the grid holds
-            multiple = math.lcm(multiple, config.block_length)
-        prefix_length = -(-max(len(p) for p in prefixes) // multiple) * multiple
-        length = prefix_length + max(s.remaining for s in rows)
-        tokens = torch.full((len(rows), length), self.pad_id, dtype=torch.int64)
-        valid = torch.zeros(len(rows), length, dtype=torch.bool)
-        pad_lengths = torch.zeros(len(rows), dtype=torch.int64)
-        for i, (sequence, prefix) in enumerate(zip(rows, prefixes)):
-            pad_lengths[i] = left = prefix_length - len(prefix)
-            end = prefix_length + sequence.remaining
-            tokens[i, left:prefix_length] = torch.tensor(prefix)
-            tokens[i, prefix_length:end] = self.mask_id
-            valid[i, left:end] = True
-        positions = (torch.arange(length) - pad_lengths[:, None]).clamp(min=0)
-        dtype = self.engine.dtype
-        key_bias = torch.zeros(len(rows), length, dtype=dtype).masked_fill_(~valid, torch.finfo(dtype).min)
+        layout = lay_out([s.prompt + s.generated for s in rows], [s.remaining for s in rows], config, self.mask_id,
+                         self.pad_id, self.engine.dtype)
         counters = torch.tensor([[s.steps for s in rows], [s.committed for s in rows]], dtype=torch.int64)
-        workspace = self._workspace(config, len(rows), length)
+        workspace = self._workspace(config, len(rows), layout.length)
         device = self.engine.device
-        workspace.load(tokens.to(device), positions.to(device), key_bias[:, None, None, :].to(device),
+        workspace.load(layout.tokens.to(device), layout.positions.to(device), layout.key_bias.to(device),
                        counters[0].to(device), counters[1].to(device))
-        if workspace.block_causal:  # the exact prefix cache of the new layout: prompts and committed blocks
-            workspace.prefill(prefix_length)
-        group.workspace, group.block_start, group.stale = workspace, prefix_length, False
+        if workspace.block_causal and layout.first_block:  # the exact prefix cache of the new layout
+            workspace.prefill(layout.first_block)
+        group.workspace, group.block_start, group.stale = workspace, layout.first_block, False
+        group.gen_starts = layout.gen_starts
 
     def _workspace(self, config: GenerationConfig, batch: int, length: int) -> Workspace:
         key = (batch, length, group_key(config))

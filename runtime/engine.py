@@ -5,19 +5,19 @@
                     early stop: rows whose block holds EOS end there and leave the batch
     -> detokenize, per-sequence stats
 
-Left padding keeps the generation blocks of every row at the same columns; the padding keys are
-masked by an additive bias and each row's positions start at its first real token, so a padded
-row computes what it would alone. Prompts are sorted by length before they are split into
-batches of `batch_size`, which keeps padding small; results come back in the caller's order.
+Left padding keeps the generation blocks of every row at the same columns (runtime/layout.py);
+the padding keys are masked by an additive bias and each row's positions start at its first real
+token, so a padded row computes what it would alone. Prompts are sorted by length before they are
+split into batches of `batch_size`, which keeps padding small; results come back in the caller's
+order.
 
-iteration='block_diffusion' (block-causal models: LLaDA2) pads prompts to whole blocks, so the
-block grid runs from column 0 over prompt and generation, prefills the prompt's K/V once and
-decodes each block against that exact prefix cache (runtime/kv_cache.py, mode block_causal).
+iteration='block_diffusion' (block-causal models: LLaDA2) decodes on the model's own block grid,
+counted from each row's first token: the block that holds the prompt's tail is the first one
+decoded. The prompt's whole blocks are prefilled once and each block is decoded against that
+exact prefix cache (runtime/kv_cache.py, mode block_causal).
 """
 from __future__ import annotations
 
-import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -25,10 +25,8 @@ import torch
 
 from difuse.runtime.config import GenerationConfig
 from difuse.runtime.iteration import BlockStats, rows_ending_at, run_block
-from difuse.runtime.kv_cache import key_padding_bias
+from difuse.runtime.layout import lay_out
 from difuse.runtime.workspace import Workspace, check_iteration
-
-log = logging.getLogger("difuse.runtime")
 
 
 @dataclass
@@ -131,41 +129,41 @@ class Engine:
 
     def _generate_batch(self, prompts: list[list[int]], config: GenerationConfig) -> list[Result]:
         model_config, n = self.model.config, config.block_length
-        longest = max(len(p) for p in prompts)
-        multiple = config.prompt_multiple
-        if config.iteration == "block_diffusion":  # the block grid starts at column 0: prompt = whole blocks
-            multiple = math.lcm(multiple, n)
-        prompt_length = -(-longest // multiple) * multiple
-        length = prompt_length + config.gen_length
+        pad_id = model_config.pad_token_id if getattr(model_config, "pad_token_id", None) is not None \
+            else model_config.eos_token_id
+        layout = lay_out(prompts, [config.gen_length] * len(prompts), config, model_config.mask_token_id, pad_id,
+                         self.dtype)
         limit = getattr(model_config, "max_sequence_length", None) or getattr(model_config, "max_position_embeddings",
                                                                               None)
-        if limit is not None and length > limit:
-            raise ValueError(f"prompt ({longest} tokens, padded to {prompt_length}) + gen_length {config.gen_length} "
-                             f"exceeds the model's maximum sequence length {limit}")
-        tokens, pad_lengths = self._layout(prompts, prompt_length, length)
-        positions = (torch.arange(length, device=self.device) - pad_lengths[:, None]).clamp(min=0)
-        key_bias = key_padding_bias(pad_lengths, length, self.dtype)
+        if limit is not None and layout.max_position >= limit:
+            raise ValueError(f"prompt ({max(len(p) for p in prompts)} tokens) + gen_length {config.gen_length} needs "
+                             f"{layout.max_position + 1} positions, more than the model's maximum sequence length "
+                             f"{limit}")
+        length = layout.length
+        gen_starts = torch.tensor(layout.gen_starts, device=self.device)
         counters = torch.zeros(2, len(prompts), dtype=torch.int64, device=self.device)
         workspace = self._workspace(config, len(prompts), length)
-        workspace.load(tokens, positions, key_bias, counters[0], counters[1])
-        if workspace.block_causal:
-            workspace.prefill(prompt_length)
+        workspace.load(layout.tokens.to(self.device), layout.positions.to(self.device),
+                       layout.key_bias.to(self.device), counters[0], counters[1])
+        if workspace.block_causal and layout.first_block:
+            workspace.prefill(layout.first_block)
         rows = list(range(len(prompts)))  # workspace row -> batch index
         finished: dict[int, _Finished] = {}
         stats, global_step, start = BlockStats(), 0, time.perf_counter()
-        for block_start in range(prompt_length, length, n):
+        for block_start in range(layout.first_block, length, n):
             global_step = run_block(workspace, config, block_start, global_step, stats)
             if not config.early_stop or block_start + n == length:
                 continue
-            ended = rows_ending_at(workspace.tokens, block_start, block_start + n, workspace.eos_id)
+            ended = rows_ending_at(workspace.tokens, block_start, block_start + n, workspace.eos_id, gen_starts)
             if not ended.any():
                 continue
-            self._retire(workspace, rows, ended, finished, stats, start, prompt_length)
+            self._retire(workspace, rows, ended, finished, stats, start, gen_starts, config.gen_length)
             keep = (~ended).nonzero().flatten().tolist()
             rows = [rows[i] for i in keep]
             if not rows:
                 break
             kept = torch.tensor(keep, device=self.device)
+            gen_starts = gen_starts.index_select(0, kept)
             smaller = self._workspace(config, len(rows), length)
             smaller.load(*(t.index_select(0, kept) for t in (workspace.tokens, workspace.positions, workspace.key_bias,
                                                               workspace.steps_taken, workspace.committed)))
@@ -173,32 +171,23 @@ class Engine:
                 smaller.load_cache(workspace, kept)
             workspace = smaller
         if rows:
-            self._retire(workspace, rows, torch.ones(len(rows), dtype=torch.bool), finished, stats, start,
-                         prompt_length)
+            self._retire(workspace, rows, torch.ones(len(rows), dtype=torch.bool), finished, stats, start, gen_starts,
+                         config.gen_length)
         self.last_stats["forwards"] += stats.forwards
         self.last_stats["cache_refreshes"] += stats.refreshes
         self.last_stats["wall_ms"] += (time.perf_counter() - start) * 1e3
         self.last_stats["batches"] += 1
         return [self._result(finished[i]) for i in range(len(prompts))]
 
-    def _layout(self, prompts, prompt_length, length):
-        config = self.model.config
-        pad_id = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else config.eos_token_id
-        tokens = torch.full((len(prompts), length), config.mask_token_id, dtype=torch.int64)
-        pad_lengths = torch.tensor([prompt_length - len(p) for p in prompts], dtype=torch.int64)
-        for row, prompt in enumerate(prompts):
-            tokens[row, :prompt_length - len(prompt)] = pad_id
-            tokens[row, prompt_length - len(prompt):prompt_length] = torch.tensor(prompt)
-        return tokens.to(self.device), pad_lengths.to(self.device)
-
-    def _retire(self, workspace, rows, ended, finished, stats, start, prompt_length):
+    def _retire(self, workspace, rows, ended, finished, stats, start, gen_starts, gen_length):
         if workspace.device.type == "cuda":
             torch.cuda.synchronize(workspace.device)
         elapsed_ms = (time.perf_counter() - start) * 1e3
-        sequences = workspace.tokens[:, prompt_length:].tolist()
+        tokens, starts = workspace.tokens.tolist(), gen_starts.tolist()
         steps, committed = workspace.steps_taken.tolist(), workspace.committed.tolist()
         for i in ended.nonzero().flatten().tolist():
-            finished[rows[i]] = _Finished(sequences[i], steps[i], committed[i], stats.forwards, stats.refreshes,
+            sequence = tokens[i][starts[i]:starts[i] + gen_length]
+            finished[rows[i]] = _Finished(sequence, steps[i], committed[i], stats.forwards, stats.refreshes,
                                           elapsed_ms)
 
     def _result(self, done: _Finished) -> Result:

@@ -65,9 +65,13 @@ def run_block(workspace: Workspace, config: GenerationConfig, block_start: int, 
             return global_step
 
 
-def rows_ending_at(tokens: torch.Tensor, block_start: int, block_end: int, eos_id: int) -> torch.Tensor:
-    """Early stop: rows whose block [block_start, block_end) holds EOS get EOS after it, in
-    place. Returns the bool mask [B] of those rows (host copy: one sync per block)."""
-    ended = (tokens[:, block_start:block_end] == eos_id).any(dim=-1)
+def rows_ending_at(tokens: torch.Tensor, block_start: int, block_end: int, eos_id: int,
+                   gen_starts: torch.Tensor) -> torch.Tensor:
+    """Early stop: rows whose block [block_start, block_end) holds EOS among their generated
+    columns (from gen_starts [B] on; a block-diffusion block can begin with prompt tokens) get EOS
+    after it, in place. Returns the bool mask [B] of those rows (host copy: one sync per block)."""
+    columns = torch.arange(block_start, block_end, device=tokens.device)
+    generated = columns[None, :] >= gen_starts[:, None]
+    ended = ((tokens[:, block_start:block_end] == eos_id) & generated).any(dim=-1)
     tokens[:, block_end:].masked_fill_(ended.unsqueeze(-1), eos_id)
     return ended.cpu()

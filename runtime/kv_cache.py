@@ -12,16 +12,17 @@ between the modes:
     vicinity: the block with `prefix_look` rows before and `after_look` after, clamped to [0, L)
     none:     no cache; every step is a full forward
 
-    block_causal (iteration='block_diffusion', block-causal models): EXACT prefix cache. The prompt
-              is prefilled once; a block's first step computes [previous block | block] (2N rows:
-              the previous block's rows, now final, write their clean K/V), its other steps the
-              block only (N rows). Each query row attends to keys before the end of its own
-              block (`block_causal_bias_into`), so cached rows are exactly what a full
-              block-causal forward would compute: nothing later can change them.
+    block_causal (iteration='block_diffusion', block-causal models): EXACT prefix cache. The
+              prompt's whole blocks are prefilled once; a block's first step computes
+              [previous block | block] (2N rows: the previous block's rows, now final, write
+              their clean K/V), its other steps the block only (N rows). Each query row attends
+              to keys before the end of its own block (`block_causal_bias_into`), so cached rows
+              are exactly what a full block-causal forward would compute: nothing later can
+              change them.
 
 Rows not recomputed keep the K/V of the last step that computed them (stale inside the block:
 the approximation Fast-dLLM and dInfer make). Shapes never change during a generation: the row
-tensors are updated in place, and the only mask is the left-padding key bias, so one captured
+tensors are updated in place, and the only mask is the padding key bias, so one captured
 graph serves every block of a (batch, length, step kind).
 """
 from __future__ import annotations
@@ -33,11 +34,15 @@ import torch
 from difuse.runtime.config import GenerationConfig
 
 
-def key_padding_bias(pad_lengths: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """pad_lengths: int64 [B] -> additive bias [B, 1, 1, L]: the most negative finite value on
-    the left-padding keys (finite so no softmax row can become NaN), 0 elsewhere."""
-    columns = torch.arange(length, device=pad_lengths.device)
-    padded = columns.unsqueeze(0) < pad_lengths.unsqueeze(1)  # [B, L]
+def key_padding_bias(pad_lengths: torch.Tensor, length: int, dtype: torch.dtype,
+                     ends: torch.Tensor | None = None) -> torch.Tensor:
+    """pad_lengths (and ends): int64 [B] -> additive bias [B, 1, 1, L]: the most negative finite
+    value on the left-padding keys (and on the right padding from `ends` on), finite so no softmax
+    row can become NaN; 0 elsewhere."""
+    columns = torch.arange(length, device=pad_lengths.device).unsqueeze(0)
+    padded = columns < pad_lengths.unsqueeze(1)  # [B, L]
+    if ends is not None:
+        padded |= columns >= ends.unsqueeze(1)
     bias = torch.zeros(padded.shape, dtype=dtype, device=pad_lengths.device)
     bias.masked_fill_(padded, torch.finfo(dtype).min)
     return bias[:, None, None, :]
@@ -109,7 +114,7 @@ class CachePolicy:
         if self.mode == "none":
             return StepKind("full", 0, length, cached=False)
         if self.mode == "block_causal":
-            if step_in_block == 0:
+            if step_in_block == 0 and block_start > 0:  # block 0 has no previous block to finalise
                 return StepKind("block_pair", block_start - self.block_length, 2 * self.block_length, cached=True)
             return StepKind("block", block_start, self.block_length, cached=True)
         if self.is_refresh(step_in_block):

@@ -70,7 +70,7 @@ class Workspace:
         self._placed.clear()  # block-causal biases derive from the key bias just loaded
 
     def prefill(self, prompt_length: int) -> None:
-        """Block diffusion: write the K/V of the prompt columns [0, prompt_length) (whole blocks) once."""
+        """Block diffusion: write the K/V of the columns [0, prompt_length) (whole blocks) once."""
         rows = self._arange[:prompt_length]
         bias = torch.empty(self.batch, 1, prompt_length, self.length, dtype=self.key_bias.dtype, device=self.device)
         block_causal_bias_into(bias, self.key_bias, rows, self.block_length)

@@ -11,6 +11,7 @@ from difuse.runtime.batching import BlockBatcher, Sequence
 from difuse.runtime.config import GenerationConfig
 from difuse.runtime.engine import Engine
 from difuse.runtime.kv_cache import StaticKVCache
+from difuse.runtime.layout import lay_out
 
 BLOCK, GEN, THRESHOLD = 4, 12, 0.04
 PROMPTS = [[5, 17, 99, 3, 250], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]  # 2 and 3 prompt blocks
@@ -28,29 +29,26 @@ def config_for(decoder: str, early_stop: bool = False) -> GenerationConfig:
                             early_stop=early_stop, prompt_multiple=1)
 
 
-def layout(model, prompt):
-    """Left-pad to whole blocks: tokens, positions [1, L], bias [1, 1, L, L], prompt columns."""
-    c = model.config
-    prompt_length = -(-len(prompt) // BLOCK) * BLOCK
-    pad = prompt_length - len(prompt)
-    tokens = torch.full((1, prompt_length + GEN), c.mask_token_id)
-    tokens[0, :pad] = c.pad_token_id
-    tokens[0, pad:prompt_length] = torch.tensor(prompt)
-    positions = (torch.arange(prompt_length + GEN) - pad).clamp(min=0)[None]
-    bias = block_causal_bias(prompt_length + GEN, BLOCK)
-    padding_key = (torch.arange(prompt_length + GEN) < pad) & (bias == 0)
-    bias = bias.masked_fill(padding_key, torch.finfo(torch.float32).min)
-    return tokens, positions, bias, prompt_length
+def official_layout(model, prompt):
+    """LLaDA2's own generate(): blocks of BLOCK tokens from the prompt's first token, the prompt
+    then masks up to the end of the block that holds the last requested token. Returns tokens,
+    positions [1, L] and the block-causal bias [1, 1, L, L]."""
+    total = -(-(len(prompt) + GEN) // BLOCK) * BLOCK
+    tokens = torch.full((1, total), model.config.mask_token_id)
+    tokens[0, :len(prompt)] = torch.tensor(prompt)
+    return tokens, torch.arange(total)[None], block_causal_bias(total, BLOCK)
 
 
 def reference_generate(model, prompt, decoder: str) -> list[int]:
-    """No cache: every step is the full block-causal forward over columns [0, block_end)."""
-    tokens, positions, bias, prompt_length = layout(model, prompt)
+    """No cache: every step is the full block-causal forward over columns [0, block_end). The
+    block holding the prompt's tail is the first one decoded; the tokens past GEN are decoded
+    with the last block and dropped."""
+    tokens, positions, bias = official_layout(model, prompt)
     mask_id, length = model.config.mask_token_id, tokens.shape[1]
     steps_per_block = 6 * BLOCK // GEN
-    for block_start in range(prompt_length, length, BLOCK):
+    for block_start in range(len(prompt) // BLOCK * BLOCK, length, BLOCK):
         end = block_start + BLOCK
-        masks_at_start, step = BLOCK, 0
+        masks_at_start, step = int((tokens[0, block_start:end] == mask_id).sum()), 0
         while (tokens[0, block_start:end] == mask_id).any():
             hidden = model.forward(tokens[:, :end], positions[:, :end], attention_bias=bias[..., :end, :end])
             probs = torch.softmax(model.compute_logits(hidden[:, block_start:end]).float(), dim=-1)[0]
@@ -65,18 +63,19 @@ def reference_generate(model, prompt, decoder: str) -> list[int]:
                 accept = torch.zeros_like(masked).index_fill_(0, order, True) & masked
             tokens[0, block_start:end] = torch.where(accept, token, tokens[0, block_start:end])
             step += 1
-    return tokens[0, prompt_length:].tolist()
+    return tokens[0, len(prompt):len(prompt) + GEN].tolist()
 
 
 @pytest.mark.parametrize("decoder", ["threshold", "fixed"])
-@pytest.mark.parametrize("prompt", PROMPTS, ids=["2-blocks", "3-blocks"])
+@pytest.mark.parametrize("prompt", PROMPTS + [[7, 8, 9], list(range(60, 68))],
+                         ids=["tail-of-1", "tail-of-3", "shorter-than-a-block", "whole-blocks"])
 def test_cached_block_diffusion_equals_the_cache_free_reference(llada2, decoder, prompt):
     result = Engine(llada2, enable_fusion=False).generate([prompt], config_for(decoder))[0]
     expected = reference_generate(llada2, prompt, decoder)
     assert result.sequence == expected
     assert llada2.config.mask_token_id not in expected
-    if decoder == "threshold":
-        assert result.steps < GEN  # some steps committed several tokens
+    if decoder == "threshold":  # every step commits at least its row's top-1: no more steps than masks decoded
+        assert result.steps <= -(-(len(prompt) + GEN) // BLOCK) * BLOCK - len(prompt)
 
 
 def test_cache_holds_the_full_block_causal_forward(llada2):
@@ -84,15 +83,48 @@ def test_cache_holds_the_full_block_causal_forward(llada2):
     prompt = PROMPTS[0]
     result = engine.generate([prompt], config_for("threshold"))[0]
     workspace = next(iter(engine._workspaces.values()))
-    tokens, positions, bias, prompt_length = layout(llada2, prompt)
-    tokens[0, prompt_length:] = torch.tensor(result.sequence)
+    tokens, positions, bias = official_layout(llada2, prompt)  # one prompt: the engine's layout has no pad
+    tokens[0, len(prompt):len(prompt) + GEN] = torch.tensor(result.sequence)
     length, m = tokens.shape[1], llada2
+    assert workspace.length == length
     full = StaticKVCache(m.num_layers, 1, m.num_kv_heads, length, m.head_dim, torch.float32, "cpu")
     full.bind(torch.arange(length), bias)
     m.forward(tokens, positions, cache=full)
     final_block = length - BLOCK  # its K/V is from its last step's input: no later block needs it
     for mine, exact in zip(workspace.cache.keys + workspace.cache.values, full.keys + full.values):
         torch.testing.assert_close(mine[..., :final_block, :], exact[..., :final_block, :], rtol=1e-5, atol=1e-5)
+
+
+def test_layout_puts_every_row_on_its_own_block_grid():
+    """Left pads are whole blocks, every row's first decoded block is at the same columns and
+    starts with its prompt's tail, and a row's last block runs to its grid's end."""
+    prompts = [[1] * 5, [2] * 11, [3] * 8]
+    layout = lay_out(prompts, [GEN] * 3, config_for("threshold"), mask_id=9, pad_id=0, dtype=torch.float32)
+    assert layout.first_block == 8 and layout.length == 8 + GEN + BLOCK
+    assert layout.gen_starts == [9, 11, 8]
+    pads = [4, 0, 0]
+    for row, (prompt, pad, start) in enumerate(zip(prompts, pads, layout.gen_starts)):
+        end = pad + -(-(len(prompt) + GEN) // BLOCK) * BLOCK
+        assert layout.tokens[row, pad:start].tolist() == prompt
+        assert (layout.tokens[row, start:end] == 9).all()
+        real = layout.key_bias[row, 0, 0] == 0
+        assert real.nonzero().flatten().tolist() == list(range(pad, end))
+        assert layout.positions[row, pad:end].tolist() == list(range(end - pad))
+    assert layout.max_position == 23  # row 1: prompt 11 + GEN 12 fill its grid to position 23
+
+
+def test_prompt_tokens_in_the_first_block_do_not_stop_the_row(llada2):
+    """Early stop looks at generated columns only: the block holding the prompt's tail may hold EOS."""
+    prompt = PROMPTS[0]
+    original = llada2.config.eos_token_id
+    llada2.config.eos_token_id = prompt[-1]  # in the first decoded block, before the generation
+    try:
+        stopped = Engine(llada2, enable_fusion=False).generate([prompt], config_for("threshold", early_stop=True))[0]
+        full = Engine(llada2, enable_fusion=False).generate([prompt], config_for("threshold"))[0]
+    finally:
+        llada2.config.eos_token_id = original
+    first = full.sequence.index(prompt[-1]) if prompt[-1] in full.sequence else GEN
+    assert stopped.sequence[:first + 1] == full.sequence[:first + 1]
 
 
 def test_a_batch_equals_each_prompt_alone(llada2):
@@ -106,7 +138,9 @@ def test_a_batch_that_shrinks_carries_its_cache(llada2):
     """Early stop retires row 0 after its first block; row 1 goes on from the prefix cache the
     smaller batch took over and gives what it gives alone."""
     config = config_for("threshold", early_stop=True)
-    first_blocks = [Engine(llada2, enable_fusion=False).generate([p], config)[0].sequence[:BLOCK] for p in PROMPTS]
+    # a row's first block holds its prompt's tail: BLOCK - len % BLOCK generated tokens
+    first_blocks = [Engine(llada2, enable_fusion=False).generate([p], config)[0].sequence[:BLOCK - len(p) % BLOCK]
+                    for p in PROMPTS]
     stand_in = next(t for t in first_blocks[0] if t not in first_blocks[1])  # plays EOS for row 0 only
     original = llada2.config.eos_token_id
     llada2.config.eos_token_id = stand_in
@@ -115,7 +149,8 @@ def test_a_batch_that_shrinks_carries_its_cache(llada2):
         alone = [Engine(llada2, enable_fusion=False).generate([p], config)[0].sequence for p in PROMPTS]
     finally:
         llada2.config.eos_token_id = original
-    assert together[0].sequence[BLOCK:] == [stand_in] * (GEN - BLOCK)
+    done = len(first_blocks[0])
+    assert together[0].sequence[done:] == [stand_in] * (GEN - done)
     assert [r.sequence for r in together] == alone
 
 

@@ -135,3 +135,14 @@ def test_text_prompts_go_through_the_chat_template(tiny_path):
     assert isinstance(result.text, str) and len(result.sequence) == 8
     with pytest.raises(ValueError, match="maximum sequence length"):
         engine.generate(["x" * 600], config)
+
+
+def test_the_length_limit_counts_positions_not_padding(tiny_model):
+    """A prompt + generation that fills the model's positions exactly runs; one token more is refused."""
+    limit = tiny_model.config.max_sequence_length
+    engine = Engine(tiny_model, enable_fusion=False)
+    config = GenerationConfig(gen_length=8, block_length=4, decoder="threshold", early_stop=False)
+    [result] = engine.generate([[7] * (limit - 8)], config)
+    assert len(result.sequence) == 8
+    with pytest.raises(ValueError, match=f"needs {limit + 1} positions"):
+        engine.generate([[7] * (limit - 7)], config)
