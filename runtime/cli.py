@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from difuse.runtime.config import CACHES, DECODERS, ITERATIONS, GenerationConfig
+from difuse.runtime.config import CACHES, DECODERS, ITERATIONS, GenerationConfig, iteration_and_cache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,8 +29,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--threshold", type=float, default=0.9)
         sub.add_argument("--low-threshold", type=float, default=0.4)
         sub.add_argument("--temperature", type=float, default=0.0)
-        sub.add_argument("--cache", choices=CACHES, default="none")
-        sub.add_argument("--iteration", choices=ITERATIONS, default="blockwise")
+        sub.add_argument("--cache", choices=CACHES, help="default: prefix with block_diffusion, else none")
+        sub.add_argument("--iteration", choices=ITERATIONS,
+                         help="default: block_diffusion for block-causal models (LLaDA2), else blockwise")
         sub.add_argument("--unroll", type=int, help="steps per host check (default: from masks left)")
         sub.add_argument("--no-early-stop", action="store_true")
         sub.add_argument("--seed", type=int)
@@ -57,10 +58,11 @@ def _config(args) -> GenerationConfig:
     gen_length = args.gen_length or trained.get("gen_length", 64)
     block_length = args.block_length or trained.get("block_length", min(32, gen_length))
     steps = args.steps or (trained.get("steps") if args.decoder in ("fixed", "random") else None)
+    iteration, cache = iteration_and_cache(args.iteration, args.cache, trained)
     return GenerationConfig(
         gen_length=gen_length, block_length=block_length, decoder=args.decoder, steps=steps,
         threshold=args.threshold, low_threshold=args.low_threshold, temperature=args.temperature,
-        cache=args.cache, iteration=args.iteration, unroll=args.unroll, early_stop=not args.no_early_stop,
+        cache=cache, iteration=iteration, unroll=args.unroll, early_stop=not args.no_early_stop,
         seed=args.seed)
 
 

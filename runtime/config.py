@@ -106,6 +106,14 @@ class GenerationConfig:
         return None if self.steps is None else self.steps // self.num_blocks
 
 
+def iteration_and_cache(iteration: str | None, cache: str | None, trained: dict) -> tuple[str, str]:
+    """Fill what the user left open from the checkpoint's defaults (models.generation_defaults):
+    block-causal models (LLaDA2) decode with block diffusion, whose exact cache is the prefix cache;
+    the others blockwise without a cache."""
+    iteration = iteration or trained.get("iteration", "blockwise")
+    return iteration, cache or ("prefix" if iteration == "block_diffusion" else "none")
+
+
 def _positive(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")

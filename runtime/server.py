@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from difuse.runtime.batching import BlockBatcher, BlockEvent, QueueFull, Sequence
-from difuse.runtime.config import CACHES, DECODERS, ITERATIONS, GenerationConfig
+from difuse.runtime.config import CACHES, DECODERS, ITERATIONS, GenerationConfig, iteration_and_cache
 from difuse.runtime.metrics import CONTENT_TYPE, Counter, Gauge, Histogram, Registry
 
 log = logging.getLogger("difuse.server")
@@ -569,7 +569,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-length", type=int, default=defaults.block_length)
     parser.add_argument("--decoder", choices=DECODERS, default=defaults.decoder)
     parser.add_argument("--threshold", type=float, default=defaults.threshold)
-    parser.add_argument("--cache", choices=CACHES, default=defaults.cache)
+    parser.add_argument("--cache", choices=CACHES, help="default cache: prefix with block_diffusion, else none")
+    parser.add_argument("--iteration", choices=ITERATIONS,
+                        help="default iteration: block_diffusion for block-causal models (LLaDA2), else blockwise")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return parser
 
@@ -580,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    from difuse.models import default_model_path, generation_defaults
     from difuse.runtime.engine import Engine
 
     args = _parser().parse_args(argv)
@@ -588,8 +591,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     try:
+        iteration, cache = iteration_and_cache(args.iteration, args.cache,
+                                               generation_defaults(args.model or default_model_path()))
         defaults = GenerationConfig(gen_length=args.gen_length, block_length=args.block_length, decoder=args.decoder,
-                                    threshold=args.threshold, cache=args.cache,
+                                    threshold=args.threshold, cache=cache, iteration=iteration,
                                     steps=args.gen_length if args.decoder in ("fixed", "random") else None)
         engine = Engine.from_pretrained(args.model, args.device, dtype, not args.no_fusion, not args.no_cuda_graph)
         name = args.model_name or Path(args.model or "difuse-builtin").resolve().name

@@ -3,6 +3,8 @@ the StepRunners of each step kind, reused across blocks and across generate() ca
 fusion recordings and CUDA graphs are made once per bucket."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from difuse.runtime.capture import StepRunner
@@ -12,17 +14,23 @@ from difuse.runtime.kv_cache import CachePolicy, StaticKVCache, StepKind, block_
 from difuse.runtime.step import make_denoise_step
 
 
-def check_iteration(model, config: GenerationConfig) -> None:
-    """Block diffusion's block-causal attention is only right for models trained with it."""
-    if config.iteration == "block_diffusion" and not getattr(model, "BLOCK_CAUSAL", False):
+def check_iteration(model, config: GenerationConfig, warn: bool = True) -> None:
+    """Block diffusion's block-causal attention is only right for models trained with it; the
+    other way round works, but attends where the model never learned to (a warning, if `warn`)."""
+    block_causal = getattr(model, "BLOCK_CAUSAL", False)
+    if config.iteration == "block_diffusion" and not block_causal:
         raise ValueError(f"iteration='block_diffusion' needs a model trained with block-causal attention "
                          f"(LLaDA2); {type(model).__name__} is bidirectional: use iteration='blockwise'")
+    if warn and block_causal and config.iteration != "block_diffusion":
+        warnings.warn(f"{type(model).__name__} was trained with block-causal attention; iteration="
+                      f"{config.iteration!r} lets every position see later blocks. Use iteration='block_diffusion', "
+                      "cache='prefix' for the model's own decoding.", stacklevel=2)
 
 
 class Workspace:
     def __init__(self, model, config: GenerationConfig, batch: int, length: int, device, dtype,
                  scheduler=None, use_cuda_graph: bool = False, graph_pool=None):
-        check_iteration(model, config)
+        check_iteration(model, config, warn=False)  # Engine.generate and BlockBatcher.submit warn
         model_config = model.config
         self.model, self.batch, self.length = model, batch, length
         self.block_length = config.block_length

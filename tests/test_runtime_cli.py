@@ -49,3 +49,26 @@ def test_without_model_the_builtin_model_answers():
     done = cli("generate", "--prompt", "What is 347 + 589?", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["text"] == "936"
+
+
+def test_block_causal_models_decode_with_block_diffusion_unless_told_otherwise(tmp_path):
+    """LLaDA2 left to the defaults gets its own decoding (block diffusion, prefix cache): the tokens
+    of Engine.generate with those settings and no warning; an explicit --iteration blockwise runs,
+    with a warning that the model never attended that way."""
+    import torch
+
+    from difuse.models import generation_defaults, make_tiny_checkpoint
+    from difuse.runtime import Engine, GenerationConfig
+
+    path = make_tiny_checkpoint(tmp_path, kind="llada2", dtype=torch.float32)
+    assert generation_defaults(path)["iteration"] == "block_diffusion"
+    settings = ("--prompt", "hello", "--gen-length", "8", "--block-length", "4", "--no-fusion", "--json")
+    default = cli("generate", "--model", str(path), *settings)
+    assert default.returncode == 0, default.stderr
+    assert "block-causal" not in default.stderr
+    config = GenerationConfig(gen_length=8, block_length=4, iteration="block_diffusion", cache="prefix")
+    [expected] = Engine.from_pretrained(str(path), enable_fusion=False).generate(["hello"], config)
+    assert json.loads(default.stdout)["tokens"] == expected.tokens
+    bidirectional = cli("generate", "--model", str(path), *settings, "--iteration", "blockwise")
+    assert bidirectional.returncode == 0, bidirectional.stderr
+    assert "trained with block-causal attention" in bidirectional.stderr
