@@ -135,10 +135,10 @@ class Engine:
                          self.dtype)
         limit = getattr(model_config, "max_sequence_length", None) or getattr(model_config, "max_position_embeddings",
                                                                               None)
-        if limit is not None and layout.max_position >= limit:
-            raise ValueError(f"prompt ({max(len(p) for p in prompts)} tokens) + gen_length {config.gen_length} needs "
-                             f"{layout.max_position + 1} positions, more than the model's maximum sequence length "
-                             f"{limit}")
+        longest = max(len(p) for p in prompts)
+        if limit is not None and longest + config.gen_length > limit:  # padding takes no positions
+            raise ValueError(f"prompt ({longest} tokens) + gen_length {config.gen_length} exceeds the model's maximum "
+                             f"sequence length {limit}")
         length = layout.length
         gen_starts = torch.tensor(layout.gen_starts, device=self.device)
         counters = torch.zeros(2, len(prompts), dtype=torch.int64, device=self.device)

@@ -42,11 +42,6 @@ class Layout:
     def length(self) -> int:
         return self.tokens.shape[1]
 
-    @property
-    def max_position(self) -> int:
-        """The largest position of a real column (pads excluded)."""
-        return int(self.positions.masked_fill(self.key_bias[:, 0, 0] != 0, 0).max())
-
 
 def lay_out(prefixes: list[list[int]], remaining: list[int], config: GenerationConfig, mask_id: int, pad_id: int,
             dtype: torch.dtype) -> Layout:

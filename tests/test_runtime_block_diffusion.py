@@ -110,7 +110,6 @@ def test_layout_puts_every_row_on_its_own_block_grid():
         real = layout.key_bias[row, 0, 0] == 0
         assert real.nonzero().flatten().tolist() == list(range(pad, end))
         assert layout.positions[row, pad:end].tolist() == list(range(end - pad))
-    assert layout.max_position == 23  # row 1: prompt 11 + GEN 12 fill its grid to position 23
 
 
 def test_prompt_tokens_in_the_first_block_do_not_stop_the_row(llada2):
