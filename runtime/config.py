@@ -108,9 +108,13 @@ class GenerationConfig:
 
 def iteration_and_cache(iteration: str | None, cache: str | None, trained: dict) -> tuple[str, str]:
     """Fill what the user left open from the checkpoint's defaults (models.generation_defaults):
-    block-causal models (LLaDA2) decode with block diffusion, whose exact cache is the prefix cache;
-    the others blockwise without a cache."""
-    iteration = iteration or trained.get("iteration", "blockwise")
+    block-causal models (LLaDA2) decode with block diffusion, whose exact cache is the prefix cache,
+    unless the user chose another cache, which only blockwise decoding has; the others decode
+    blockwise without a cache."""
+    if iteration is None:
+        iteration = trained.get("iteration", "blockwise")
+        if iteration == "block_diffusion" and cache not in (None, "prefix"):
+            iteration = "blockwise"
     return iteration, cache or ("prefix" if iteration == "block_diffusion" else "none")
 
 

@@ -77,13 +77,13 @@ class Workspace:
             mine.copy_(theirs)
         self._placed.clear()  # block-causal biases derive from the key bias just loaded
 
-    def prefill(self, prompt_length: int) -> None:
-        """Block diffusion: write the K/V of the columns [0, prompt_length) (whole blocks) once."""
-        rows = self._arange[:prompt_length]
-        bias = torch.empty(self.batch, 1, prompt_length, self.length, dtype=self.key_bias.dtype, device=self.device)
+    def prefill(self, prefix_length: int) -> None:
+        """Block diffusion: write the K/V of the columns [0, prefix_length) (whole blocks) once."""
+        rows = self._arange[:prefix_length]
+        bias = torch.empty(self.batch, 1, prefix_length, self.length, dtype=self.key_bias.dtype, device=self.device)
         block_causal_bias_into(bias, self.key_bias, rows, self.block_length)
         self.cache.bind(rows, bias)
-        self.model.forward(self.tokens[:, :prompt_length], self.positions[:, :prompt_length], cache=self.cache)
+        self.model.forward(self.tokens[:, :prefix_length], self.positions[:, :prefix_length], cache=self.cache)
 
     def load_cache(self, other: Workspace, kept: torch.Tensor) -> None:
         """Take the K/V of rows `kept` of another workspace's cache (the batch shrank)."""

@@ -154,7 +154,7 @@ SHIM = Path(__file__).resolve().parents[1] / ".shim"
 def test_torchrun_cli_generates_the_tokens_of_one_process(tmp_path):
     path = make_tiny_checkpoint(tmp_path / "llada2", "llada2", seed=3, dtype=torch.float32)
     args = ["-m", "difuse.runtime", "generate", "--model", str(path), "--prompt", "hello", "--gen-length", "8",
-            "--block-length", "4", "--threshold", "0.05", "--cache", "dual", "--no-fusion", "--json"]
+            "--block-length", "4", "--threshold", "0.05", "--no-fusion", "--json"]  # LLaDA2: block diffusion
     torchrun = shutil.which("torchrun")
     launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     env = dict(os.environ, PYTHONPATH=str(SHIM), OMP_NUM_THREADS="1")

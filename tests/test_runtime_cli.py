@@ -53,8 +53,8 @@ def test_without_model_the_builtin_model_answers():
 
 def test_block_causal_models_decode_with_block_diffusion_unless_told_otherwise(tmp_path):
     """LLaDA2 left to the defaults gets its own decoding (block diffusion, prefix cache): the tokens
-    of Engine.generate with those settings and no warning; an explicit --iteration blockwise runs,
-    with a warning that the model never attended that way."""
+    of Engine.generate with those settings and no warning. An explicit --iteration blockwise, or a
+    cache only blockwise decoding has, runs with a warning that the model never attended that way."""
     import torch
 
     from difuse.models import generation_defaults, make_tiny_checkpoint
@@ -69,6 +69,7 @@ def test_block_causal_models_decode_with_block_diffusion_unless_told_otherwise(t
     config = GenerationConfig(gen_length=8, block_length=4, iteration="block_diffusion", cache="prefix")
     [expected] = Engine.from_pretrained(str(path), enable_fusion=False).generate(["hello"], config)
     assert json.loads(default.stdout)["tokens"] == expected.tokens
-    bidirectional = cli("generate", "--model", str(path), *settings, "--iteration", "blockwise")
-    assert bidirectional.returncode == 0, bidirectional.stderr
-    assert "trained with block-causal attention" in bidirectional.stderr
+    for choice in (("--iteration", "blockwise"), ("--cache", "dual")):
+        bidirectional = cli("generate", "--model", str(path), *settings, *choice)
+        assert bidirectional.returncode == 0, bidirectional.stderr
+        assert "trained with block-causal attention" in bidirectional.stderr
