@@ -125,9 +125,7 @@ class BlockBatcher:
         self.engine = engine
         self.max_batch_size, self.max_queue, self.max_workspaces = max_batch_size, max_queue, max_workspaces
         model_config = engine.model.config
-        self.mask_id, self.eos_id = model_config.mask_token_id, model_config.eos_token_id
-        pad = getattr(model_config, "pad_token_id", None)
-        self.pad_id = pad if pad is not None else self.eos_id
+        self.eos_id = model_config.eos_token_id
         self._pending: deque[Sequence] = deque()
         self._lock = threading.Lock()
         self._groups: dict[tuple, _Group] = {}
@@ -259,8 +257,8 @@ class BlockBatcher:
     def _lay_out(self, group: _Group) -> None:
         """A fresh layout with every row's next block at the same columns (runtime/layout.py)."""
         config, rows = group.config, group.rows
-        layout = lay_out([s.prompt + s.generated for s in rows], [s.remaining for s in rows], config, self.mask_id,
-                         self.pad_id, self.engine.dtype)
+        layout = lay_out([s.prompt + s.generated for s in rows], [s.remaining for s in rows], config,
+                         self.engine.model.config, self.engine.dtype)
         counters = torch.tensor([[s.steps for s in rows], [s.committed for s in rows]], dtype=torch.int64)
         workspace = self._workspace(config, len(rows), layout.length)
         device = self.engine.device

@@ -129,16 +129,13 @@ class Engine:
 
     def _generate_batch(self, prompts: list[list[int]], config: GenerationConfig) -> list[Result]:
         model_config, n = self.model.config, config.block_length
-        pad_id = model_config.pad_token_id if getattr(model_config, "pad_token_id", None) is not None \
-            else model_config.eos_token_id
-        layout = lay_out(prompts, [config.gen_length] * len(prompts), config, model_config.mask_token_id, pad_id,
-                         self.dtype)
         limit = getattr(model_config, "max_sequence_length", None) or getattr(model_config, "max_position_embeddings",
                                                                               None)
         longest = max(len(p) for p in prompts)
         if limit is not None and longest + config.gen_length > limit:  # padding takes no positions
             raise ValueError(f"prompt ({longest} tokens) + gen_length {config.gen_length} exceeds the model's maximum "
                              f"sequence length {limit}")
+        layout = lay_out(prompts, [config.gen_length] * len(prompts), config, model_config, self.dtype)
         length = layout.length
         gen_starts = torch.tensor(layout.gen_starts, device=self.device)
         counters = torch.zeros(2, len(prompts), dtype=torch.int64, device=self.device)
@@ -183,10 +180,12 @@ class Engine:
         if workspace.device.type == "cuda":
             torch.cuda.synchronize(workspace.device)
         elapsed_ms = (time.perf_counter() - start) * 1e3
-        tokens, starts = workspace.tokens.tolist(), gen_starts.tolist()
+        starts = gen_starts.tolist()
+        first = min(starts)  # the host copy skips the prompt columns every row has
+        tokens = workspace.tokens[:, first:].tolist()
         steps, committed = workspace.steps_taken.tolist(), workspace.committed.tolist()
         for i in ended.nonzero().flatten().tolist():
-            sequence = tokens[i][starts[i]:starts[i] + gen_length]
+            sequence = tokens[i][starts[i] - first:starts[i] - first + gen_length]
             finished[rows[i]] = _Finished(sequence, steps[i], committed[i], stats.forwards, stats.refreshes,
                                           elapsed_ms)
 

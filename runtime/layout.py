@@ -43,9 +43,12 @@ class Layout:
         return self.tokens.shape[1]
 
 
-def lay_out(prefixes: list[list[int]], remaining: list[int], config: GenerationConfig, mask_id: int, pad_id: int,
+def lay_out(prefixes: list[list[int]], remaining: list[int], config: GenerationConfig, model_config,
             dtype: torch.dtype) -> Layout:
-    """prefixes: each row's prompt and committed tokens; remaining: tokens each row still wants."""
+    """prefixes: each row's prompt and committed tokens; remaining: tokens each row still wants.
+    Pads are the model's pad token (EOS without one); keys there are masked whatever they hold."""
+    pad = getattr(model_config, "pad_token_id", None)
+    pad_id = pad if pad is not None else model_config.eos_token_id
     n = config.block_length
     if config.iteration == "block_diffusion":
         grid = math.lcm(config.prompt_multiple, n)
@@ -63,7 +66,7 @@ def lay_out(prefixes: list[list[int]], remaining: list[int], config: GenerationC
     for row, (prefix, pad, end) in enumerate(zip(prefixes, pads, ends)):
         gen_start = pad + len(prefix)
         tokens[row, pad:gen_start] = torch.tensor(prefix, dtype=torch.int64)
-        tokens[row, gen_start:end] = mask_id
+        tokens[row, gen_start:end] = model_config.mask_token_id
         gen_starts.append(gen_start)
     pads, ends = torch.tensor(pads), torch.tensor(ends)
     positions = (torch.arange(length) - pads[:, None]).clamp(min=0)

@@ -2,6 +2,8 @@
 token for token, what a cache-free loop gives that reruns the full block-causal forward over
 every column up to the block's end at each step; the cache holds exactly the full forward's K/V;
 fusion on equals fusion off; a batch equals its prompts alone; bidirectional models are refused."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from runtime_fixtures import NoHostSync
@@ -99,7 +101,8 @@ def test_layout_puts_every_row_on_its_own_block_grid():
     """Left pads are whole blocks, every row's first decoded block is at the same columns and
     starts with its prompt's tail, and a row's last block runs to its grid's end."""
     prompts = [[1] * 5, [2] * 11, [3] * 8]
-    layout = lay_out(prompts, [GEN] * 3, config_for("threshold"), mask_id=9, pad_id=0, dtype=torch.float32)
+    ids = SimpleNamespace(mask_token_id=9, pad_token_id=0, eos_token_id=1)
+    layout = lay_out(prompts, [GEN] * 3, config_for("threshold"), ids, torch.float32)
     assert layout.first_block == 8 and layout.length == 8 + GEN + BLOCK
     assert layout.gen_starts == [9, 11, 8]
     pads = [4, 0, 0]
