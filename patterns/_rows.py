@@ -84,6 +84,12 @@ def check_runtime_device(t: torch.Tensor) -> None:
     )
 
 
+def interpreter_widens_dot(dtype: torch.dtype) -> bool:
+    """The Triton interpreter's tl.dot returns garbage for bf16 operands: kernels widen them to fp32
+    there (exact: bf16 products are exact in fp32) and dot in "ieee" precision. GPUs keep bf16."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def row_num_warps(block_elements: int) -> int:
     """Warps for a program holding `block_elements` values: about 8-16 values per thread."""
     return max(1, min(16, block_elements // 512))

@@ -11,7 +11,6 @@ partial output with its running max and sum, and a second kernel merges the slic
 (batch, head, query tile) programs it runs unsplit and writes the output directly.
 """
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +30,7 @@ from difuse.patterns._rows import (  # noqa: E402
     check_float,
     check_runtime_device,
     check_same_device,
+    interpreter_widens_dot,
     next_pow2,
     sm_count,
     tensor_key,
@@ -182,7 +182,7 @@ def _plan_attention(q, k, v, bias, out_stride):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if D > 1 and t.stride(3) != 1:
             raise ValueError(f"{name} must have unit stride in its last dim")
-    widen = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    widen = interpreter_widens_dot(q.dtype)
     block_t = min(64, max(16, next_pow2(T)))
     block_n = BLOCK_KEYS if D <= 128 else BLOCK_KEYS // 2
     programs = B * Hq * cdiv(T, block_t)

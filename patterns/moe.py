@@ -18,7 +18,6 @@ Three implementations of the same sum:
   static shapes, E / K times the FLOPs.
 - fused_moe: Triton grouped GEMMs over slots sorted by expert (below). Sync-free, static shapes.
 """
-import os
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +79,8 @@ def moe_dense_reference(x, w13, w2, weights, ids):
 import difuse.fusion  # noqa: E402,F401  (selects the Triton interpreter on CPU-only hosts before triton loads)
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+from difuse.patterns._rows import interpreter_widens_dot  # noqa: E402
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -252,9 +253,7 @@ def _fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
         return torch.zeros_like(x)
     sorted_slots, block_expert = align_by_expert(ids, E, block_m)
     P = sorted_slots.numel()
-    # The Triton interpreter's tl.dot returns garbage for bf16 operands; there they are widened
-    # to fp32 (exact, and bf16 products are exact in fp32 too). On GPUs bf16 stays bf16.
-    widen = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    widen = interpreter_widens_dot(x.dtype)
     precision = "ieee" if x.dtype == torch.float32 or widen else "tf32"  # fp32 GEMMs stay fp32, as in the reference
     slot_weights = weights.reshape(-1).float()
 
