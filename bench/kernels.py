@@ -30,7 +30,7 @@ import torch
 import triton
 
 from difuse.patterns import add_rms_norm as add_rms_norm_mod
-from difuse.patterns import attention, confidence, kv_write, qk_norm, rms_norm, rope, swiglu
+from difuse.patterns import attention, confidence, kv_write, linear, qk_norm, rms_norm, rope, swiglu
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -154,6 +154,11 @@ def build_cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
         cases.append(_elementwise_case("qk_norm_rope", label, qk_norm.fused_qk_norm_rope, qk_norm.qk_norm_rope,
                                        (q, qw, 1e-6, cos, sin), {}, qk_norm.qk_norm_rope_bytes(q, qw, 1e-6, cos, sin)))
         cases.append(_cache_write_case(rows, heads, head_dim, rows + (16 if quick else 512), opts))
+        if rows <= linear.STREAMING_ROWS:  # LLaDA-8B's QKV, attention out, gate_up and FFN down projections
+            for n, k in [(96, 80)] if quick else [(12288, 4096), (4096, 4096), (24576, 4096), (4096, 12288)]:
+                x, weight = torch.randn(rows, k, **opts), torch.randn(n, k, **opts) / k**0.5
+                cases.append(_elementwise_case("linear", f"{rows}x{n}x{k}", linear.fused_linear, linear.linear,
+                                               (x, weight), {}, linear.linear_bytes(x, weight)))
         block, context = (4, 24) if quick else (32, 768)
         if rows % block == 0 or quick:
             cases.append(_attention_case(max(1, rows // block), block, context, heads, head_dim, opts))

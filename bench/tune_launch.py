@@ -1,8 +1,9 @@
 """Sweep the named launch constants of the step kernels: patterns.attention (BLOCK_KEYS,
-PROGRAMS_PER_SM, NUM_WARPS, NUM_STAGES) and patterns.rope (TILE_VALUES, VALUES_PER_WARP, ...,
-shared by rope, qk_norm_rope and rope_kv_write), with torch.compile of the reference alongside.
+PROGRAMS_PER_SM, NUM_WARPS, NUM_STAGES), patterns.rope (TILE_VALUES, VALUES_PER_WARP, ...,
+shared by rope, qk_norm_rope and rope_kv_write) and patterns.linear (BLOCK_N, BLOCK_K, NUM_STAGES,
+SPLITS_UNTIL_PROGRAMS), with torch.compile of the reference alongside.
 
-    python -m bench.tune_launch [attention] [rope]   # CUDA: ~3 minutes on an H100
+    python -m bench.tune_launch [attention] [rope] [linear]   # CUDA: ~3 minutes each on an H100
     python -m bench.tune_launch --quick              # tiny shapes, two settings; the CPU interpreter works
 
 GPU time is measured as in bench.kernels (CUDA graph over rotating input copies of >= 4x L2);
@@ -18,7 +19,7 @@ import torch
 import triton
 
 from bench.kernels import _time_cpu, rotated_inputs
-from difuse.patterns import _rows, attention, kv_write, rope
+from difuse.patterns import _rows, attention, kv_write, linear, rope
 
 
 def _graph_us(fn, sets) -> float:
@@ -32,29 +33,39 @@ def _graph_us(fn, sets) -> float:
     return triton.testing.do_bench_cudagraph(replay, rep=60, return_mode="median") * 1e3 / len(sets)
 
 
-def sweep(title: str, fused, reference, args: tuple, module, grid: dict, nbytes: int) -> None:
-    """Time `fused` under every combination of the module constants in `grid`, then restore them."""
+def sweep(title: str, fused, reference, args: tuple, module, grid: dict, nbytes: int,
+          others: dict | None = None) -> None:
+    """Time `fused` under every combination of the module constants in `grid`, then restore them.
+    `others`: more baselines (name -> function of args) timed alongside eager and compile."""
     cuda = torch.cuda.is_available()
     sets = rotated_inputs(args, 4 * torch.cuda.get_device_properties(0).L2_cache_size) if cuda else [args]
     baseline = f"eager {_graph_us(reference, sets):.2f} us"
     if cuda:
         baseline += f", compile {_graph_us(torch.compile(reference, dynamic=False), sets):.2f} us"
+        baseline += "".join(f", {name} {_graph_us(fn, sets):.2f} us" for name, fn in (others or {}).items())
     print(f"== {title}: {baseline}", flush=True)
     defaults = {name: getattr(module, name) for name in grid}
-    results = []
+    results, failed = [], 0
     for values in itertools.product(*grid.values()):
         setting = dict(zip(grid, values))
         for name, value in setting.items():
             setattr(module, name, value)
         module._PLANS = _rows.PlanCache()  # plans hold the launch shape
-        results.append((_graph_us(fused, sets), setting))
+        try:
+            results.append((_graph_us(fused, sets), setting))
+        except triton.runtime.errors.OutOfResources:  # e.g. more shared memory than an SM has
+            failed += 1
     for name, value in defaults.items():
         setattr(module, name, value)
     module._PLANS = _rows.PlanCache()
-    for us, setting in sorted(results, key=lambda r: r[0])[:6]:
+    ranked = sorted(results, key=lambda r: r[0])
+    shown = ranked[:6] + [r for r in ranked[6:] if r[1] == defaults]
+    for us, setting in shown:
         mark = "*" if setting == defaults else " "
         print(f" {mark}{us:8.2f} us {nbytes / us / 1e3:7.0f} GB/s  " + " ".join(f"{k}={v}" for k, v in setting.items()),
               flush=True)
+    if failed:
+        print(f"  ({failed} settings did not fit the device)", flush=True)
 
 
 def tune_attention(quick: bool, opts: dict) -> None:
@@ -93,22 +104,41 @@ def tune_rope(quick: bool, opts: dict) -> None:
               (k, cos, sin, where, keys, values, v), rope, grid, kv_write.kv_write_bytes(k, cos, where, keys, v))
 
 
+def tune_linear(quick: bool, opts: dict, rows_list: tuple = (32, 128)) -> None:
+    """LLaDA-8B's projections (QKV, attention out, gate_up, FFN down; the LM head at 32 rows) over
+    `rows_list` token rows (a 32-token block at batch 1 is 32), against cuBLAS as torch calls it and
+    with the operands swapped."""
+    shapes = [(5, 96, 80)] if quick else [
+        (rows, n, k) for rows in rows_list
+        for n, k in ((12288, 4096), (4096, 4096), (24576, 4096), (4096, 12288), (126464, 4096))
+        if rows == 32 or n < 100_000]
+    grid = dict(BLOCK_K=[32, 64]) if quick else dict(
+        BLOCK_K=[64, 128, 256], NUM_STAGES=[2, 3, 5], SPLITS_UNTIL_PROGRAMS=[0.5, 1, 2])  # BLOCK_N 128 never won
+    for rows, n, k in shapes:
+        x, w = torch.randn(rows, k, **opts), torch.randn(n, k, **opts) / k**0.5
+        sweep(f"linear {rows}x{n}x{k}", linear.fused_linear, linear.linear, (x, w), linear, grid,
+              linear.linear_bytes(x, w), others={"cuBLAS swapped": lambda x, w: torch.mm(w, x.t())})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kernels", nargs="*", help="attention and/or rope (default: both)")
+    tuners = {"attention": tune_attention, "rope": tune_rope, "linear": tune_linear}
+    parser.add_argument("kernels", nargs="*", help=f"any of {', '.join(tuners)} (default: all)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--linear-rows", default="32,128", help="comma-separated token rows of the linear sweep")
     args = parser.parse_args(argv)
-    kernels = args.kernels or ["attention", "rope"]
-    if set(kernels) - {"attention", "rope"}:
-        parser.error(f"unknown kernels {sorted(set(kernels) - {'attention', 'rope'})}: choose attention and/or rope")
+    kernels = args.kernels or list(tuners)
+    if set(kernels) - set(tuners):
+        parser.error(f"unknown kernels {sorted(set(kernels) - set(tuners))}: choose from {', '.join(tuners)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     opts = dict(device=device, dtype=torch.bfloat16)
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu-interpreter (timings mean nothing)'}  "
           f"torch {torch.__version__}  triton {triton.__version__}   * = the module's default")
-    if "attention" in kernels:
-        tune_attention(args.quick, opts)
-    if "rope" in kernels:
-        tune_rope(args.quick, opts)
+    for name in kernels:
+        if name == "linear":
+            tune_linear(args.quick, opts, tuple(int(r) for r in args.linear_rows.split(",")))
+        else:
+            tuners[name](args.quick, opts)
 
 
 if __name__ == "__main__":

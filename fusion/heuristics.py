@@ -155,14 +155,17 @@ class FusionHeuristics:
         return Decision(True, f"saves {saved} B of traffic ({unfused} -> {fused} B)")
 
     def profile_and_decide(self, key: str, fused: Callable[[list], object], fallback: Callable[[list], object],
-                           make_inputs: Callable[[bool], list], device: str = "cpu") -> Decision:
-        """Keep the fused kernel only if t_fused < fusion_ratio * t_fallback; measured once per key
-        (group hash, shape bucket, dtype, device) and timing mode, remembered in memory and on disk.
+                           make_inputs: Callable[[bool], list], device: str = "cpu",
+                           min_ratio: float = 0.0) -> Decision:
+        """Keep the fused kernel only if t_fused < ratio * t_fallback, ratio = max(fusion_ratio,
+        min_ratio); measured once per key (group hash, shape bucket, dtype, device), timing mode and
+        ratio, remembered in memory and on disk.
 
         fused / fallback take an input list; make_inputs(distinct) returns one: distinct=True
         clones every tensor (a separate copy for L2 rotation), False only those written in place."""
         mode = timing_mode(self.config.profile_mode, device)
-        key = f"{key}-{mode}"
+        ratio = max(self.config.fusion_ratio, min_ratio)
+        key = f"{key}-{mode}-{ratio:g}"
         if key in self._decisions:
             d = self._decisions[key]
             return Decision(d.fuse, d.reason, d.t_fused, d.t_fallback, "memory", d.mode)
@@ -190,7 +193,6 @@ class FusionHeuristics:
         if mode == "eager":
             t_fused = time_callable(lambda: fused(make_inputs(False)), device)
             t_fallback = time_callable(lambda: fallback(make_inputs(False)), device)
-        ratio = self.config.fusion_ratio
         fuse = t_fused < ratio * t_fallback
         verdict = "<" if fuse else ">="
         d = Decision(fuse, f"measured ({mode}) {t_fused * 1e6:.1f} us fused {verdict} {ratio:g} x "

@@ -38,6 +38,10 @@ class Pattern:
     # The kernel samples random numbers the reference draws differently (same distribution, other
     # values): debug-mode validation then checks shapes, dtypes, NaNs and output_ranges, not values.
     stochastic: bool = False
+    # Under the profile rule a fused kernel must beat fusion_ratio x the fallback's time. A pattern
+    # that replaces one library call (same bytes, a better schedule) cannot be 20% faster and need
+    # not be: it is kept below max(fusion_ratio, profile_ratio) x the fallback.
+    profile_ratio: float = 0.0
 
     def match(self, graph) -> list[Match]:
         raise NotImplementedError

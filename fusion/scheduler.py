@@ -431,7 +431,9 @@ class FusionScheduler:
             key = cache_key("decision", g.name, g.compiled.key if g.compiled else g.name,
                             [(list(graph.meta[n].shape), str(graph.meta[n].dtype)) for n in g.inputs],
                             device_name(device))
-            g.decision = self.heuristics.profile_and_decide(key, fused_fn, reference_fn, make_inputs, device)
+            g.decision = self.heuristics.profile_and_decide(
+                key, fused_fn, reference_fn, make_inputs, device,
+                min_ratio=g.pattern.profile_ratio if g.pattern is not None else 0.0)
             g.record.t_fused, g.record.t_fallback = g.decision.t_fused, g.decision.t_fallback
             g.record.timing = g.decision.mode
         g.record.decision, g.record.reason = g.decision.fuse, g.decision.reason

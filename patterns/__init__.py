@@ -7,6 +7,7 @@ from difuse.patterns import (  # noqa: F401  (importing registers the patterns)
     attention,
     confidence_patterns,
     kv_write,
+    linear,
     qk_norm,
     rms_norm,
     rope,

@@ -29,7 +29,7 @@ def _launches() -> list:
     import torch
     from triton.runtime.jit import JITFunction
 
-    from difuse.patterns import add_rms_norm, confidence, qk_norm, rms_norm, rope, swiglu
+    from difuse.patterns import add_rms_norm, confidence, linear, qk_norm, rms_norm, rope, swiglu
 
     os.environ["TRITON_INTERPRET"] = "1"  # the wrappers then accept CPU tensors; kernels stay JIT functions
     launches = []
@@ -65,6 +65,9 @@ def _launches() -> list:
     conf, token = torch.rand(2, 4), torch.randint(0, 9, (2, 4))
     confidence.fused_threshold_select(conf, token, block, 7, 0.5)
     confidence.fused_topk_select(conf, token, block, 7, 2)
+    # split K, ragged K, one split; fp16 takes the 16-bit tl.dot that bf16 takes on a GPU
+    for rows, outputs, inputs in ((32, 4096, 4096), (5, 1000, 300), (128, 64, 64)):
+        linear.fused_linear(torch.randn(rows, inputs, dtype=torch.float16), torch.randn(outputs, inputs, dtype=torch.float16))
     return launches
 
 
