@@ -18,7 +18,7 @@ import difuse.fusion  # noqa: F401  (selects the Triton interpreter on CPU-only 
 import torch
 import triton
 
-from bench.kernels import _time_cpu, rotated_inputs
+from bench.kernels import _cache_write_case, _time_cpu, rotated_inputs
 from difuse.patterns import _rows, attention, kv_write, linear, rope
 
 
@@ -81,27 +81,23 @@ def tune_attention(quick: bool, opts: dict) -> None:
               (q, k, v, bias), attention, grid, attention.attention_bytes(q, k, v, bias))
 
 
-def tune_rope(quick: bool, opts: dict) -> None:
+def tune_rope(quick: bool, opts: dict, rows_list: tuple = (32, 4096)) -> None:
     heads, head_dim = (4, 32) if quick else (32, 128)
-    for rows in (5,) if quick else (32, 4096):
+    for rows in (5,) if quick else rows_list:
         x = torch.randn(1, rows, heads, head_dim, **opts)
-        qkv = torch.randn(1, rows, 3 * heads, head_dim, **opts)
-        k, v = qkv[:, :, heads:2 * heads], qkv[:, :, 2 * heads:]
-        angles = torch.randn(1, rows, head_dim // 2, device=opts["device"])
-        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-        where = torch.arange(rows, device=opts["device"]) + 16
-        keys, values = (torch.zeros(1, heads, rows + 16, head_dim, **opts) for _ in range(2))
+        cache_write = _cache_write_case(rows, heads, head_dim, rows + 512, opts)  # as bench.kernels times it
+        cos, sin = cache_write.args[1:3]
         if quick:
             grid = dict(TILE_VALUES=[1024, 4096])
         elif rows > 1024:
-            grid = dict(TILE_VALUES=[1024, 2048, 4096, 8192], VALUES_PER_WARP=[256, 512, 1024], PROGRAMS_PER_SM=[4, 8])
+            grid = dict(TILE_VALUES=[2048, 4096, 8192, 16384], VALUES_PER_WARP=[512, 1024], PROGRAMS_PER_SM=[4, 8])
         else:
             grid = dict(MIN_PROGRAMS_PER_SM=[1, 2, 4, 8], VALUES_PER_WARP=[256, 512, 1024])
         label = f"{rows}x{heads}x{head_dim}"
         sweep(f"rope {label}", rope.fused_apply_rope, rope.apply_rope, (x, cos, sin), rope, grid,
               rope.rope_bytes(x, cos, sin))
         sweep(f"rope_kv_write {label}", kv_write.fused_rope_kv_write, kv_write.rope_kv_write,
-              (k, cos, sin, where, keys, values, v), rope, grid, kv_write.kv_write_bytes(k, cos, where, keys, v))
+              cache_write.args, rope, grid, cache_write.bytes_moved)
 
 
 def tune_linear(quick: bool, opts: dict, rows_list: tuple = (32, 128)) -> None:
@@ -126,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("kernels", nargs="*", help=f"any of {', '.join(tuners)} (default: all)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--linear-rows", default="32,128", help="comma-separated token rows of the linear sweep")
+    parser.add_argument("--rope-rows", default="32,4096", help="comma-separated positions of the rope sweeps")
     args = parser.parse_args(argv)
     kernels = args.kernels or list(tuners)
     if set(kernels) - set(tuners):
@@ -135,8 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu-interpreter (timings mean nothing)'}  "
           f"torch {torch.__version__}  triton {triton.__version__}   * = the module's default")
     for name in kernels:
-        if name == "linear":
-            tune_linear(args.quick, opts, tuple(int(r) for r in args.linear_rows.split(",")))
+        if name in ("linear", "rope"):
+            rows = getattr(args, f"{name}_rows")
+            tuners[name](args.quick, opts, tuple(int(r) for r in rows.split(",")))
         else:
             tuners[name](args.quick, opts)
 
