@@ -126,3 +126,12 @@ def test_profile_ratio_keeps_a_replacement_that_is_merely_faster(tmp_path):
     assert not decide("fusion", fused, fallback, lambda distinct=False: []).fuse
     kept = decide("replacement", fused, fallback, lambda distinct=False: [], min_ratio=0.98)
     assert kept.fuse and "0.98 x" in kept.reason
+
+
+def test_linear_pattern_only_on_gpus_it_was_measured_on(monkeypatch):
+    from difuse.patterns.linear import _measured_on
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not _measured_on("cuda:0")  # an A100 keeps cuBLAS
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert _measured_on("cuda:0") and _measured_on("cpu")
