@@ -227,15 +227,19 @@ def _time_cuda(fn, sets: list[tuple]) -> tuple[float, float, float]:
     (rotated_inputs), so neither can report more than HBM bandwidth for inputs L2 could hold."""
     args = sets[0]
     launched = triton.testing.do_bench(lambda: fn(*args), warmup=10, rep=50, return_mode="median") * 1e3
-    try:
-        def replay():
-            for call_args in sets:
-                fn(*call_args)
+    return launched, graph_us(fn, sets), host_us(fn, args)
 
-        graphed = triton.testing.do_bench_cudagraph(replay, rep=50, return_mode="median") * 1e3 / len(sets)
+
+def graph_us(fn, sets: list[tuple]) -> float:
+    """Median us per call of fn replayed over `sets` from a CUDA graph (nan if it cannot be captured)."""
+    def replay():
+        for call_args in sets:
+            fn(*call_args)
+
+    try:
+        return triton.testing.do_bench_cudagraph(replay, rep=50, return_mode="median") * 1e3 / len(sets)
     except Exception:  # not capturable (e.g. a host sync); reported as missing
-        graphed = float("nan")
-    return launched, graphed, host_us(fn, args)
+        return float("nan")
 
 
 def copy_bandwidth(device: str) -> float:
@@ -268,8 +272,9 @@ def run(quick: bool, compile_baseline: bool, only: list[str] | None) -> list[dic
     meta = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "copy_bandwidth_gbs": round(bandwidth, 1), "quick": quick,
-            "timer": "do_bench median (L2 flushed) + do_bench_cudagraph median over input sets of >= 4x L2 "
-                     "+ host time per back-to-back call" if device == "cuda" else "perf_counter median"}
+            "timer": "do_bench median (L2 flushed) + do_bench_cudagraph median over input sets of >= 4x L2, "
+                     "the faster of two passes in opposite provider orders + host time per back-to-back call"
+                     if device == "cuda" else "perf_counter median"}
     if device == "cpu":
         meta["note"] = "Triton interpreter on CPU: checks that the benchmark runs; the timings mean nothing"
         print(meta["note"])
@@ -288,11 +293,18 @@ def run(quick: bool, compile_baseline: bool, only: list[str] | None) -> list[dic
         if compile_baseline:
             providers["compile"] = torch.compile(case.eager, dynamic=False)
         sets = rotated_inputs(case.args, rotation_bytes) if device == "cuda" else [case.args]
-        for provider, fn in providers.items():
-            if device == "cuda":
-                us, us_graph, us_host = _time_cuda(fn, sets)
-            else:
-                us, us_graph, us_host = _time_cpu(lambda fn=fn, args=case.args: fn(*args), 3), float("nan"), float("nan")
+        if device == "cuda":
+            timings = {provider: _time_cuda(fn, sets) for provider, fn in providers.items()}
+            # A second graph pass in the opposite order, keeping each provider's faster pass, so the
+            # order favours none. (On an H200, timed first, rope_kv_write came out 13% behind
+            # torch.compile; tune_launch, timing it after, found it 6% ahead. Cause not known.)
+            for provider in reversed(list(providers)):
+                us, us_graph, us_host = timings[provider]
+                timings[provider] = (us, min(us_graph, graph_us(providers[provider], sets)), us_host)
+        else:
+            timings = {provider: (_time_cpu(lambda fn=fn, args=case.args: fn(*args), 3), float("nan"), float("nan"))
+                       for provider, fn in providers.items()}
+        for provider, (us, us_graph, us_host) in timings.items():
             best = us if math.isnan(us_graph) else min(us, us_graph)
             row = {"pattern": case.pattern, "shape": case.shape, "provider": provider, "us": round(us, 2),
                    "us_graph": round(us_graph, 2), "us_host": round(us_host, 2), "us_best": round(best, 2),

@@ -13,24 +13,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 
 import difuse.fusion  # noqa: F401  (selects the Triton interpreter on CPU-only hosts)
 import torch
 import triton
 
-from bench.kernels import _cache_write_case, _time_cpu, rotated_inputs
+from bench.kernels import _cache_write_case, _time_cpu, graph_us, rotated_inputs
 from difuse.patterns import _rows, attention, kv_write, linear, rope
 
 
 def _graph_us(fn, sets) -> float:
-    if not torch.cuda.is_available():
-        return _time_cpu(lambda: fn(*sets[0]), 1)
-
-    def replay():
-        for args in sets:
-            fn(*args)
-
-    return triton.testing.do_bench_cudagraph(replay, rep=60, return_mode="median") * 1e3 / len(sets)
+    return graph_us(fn, sets) if torch.cuda.is_available() else _time_cpu(lambda: fn(*sets[0]), 1)
 
 
 def sweep(title: str, fused, reference, args: tuple, module, grid: dict, nbytes: int,
@@ -51,10 +45,11 @@ def sweep(title: str, fused, reference, args: tuple, module, grid: dict, nbytes:
         for name, value in setting.items():
             setattr(module, name, value)
         module._PLANS = _rows.PlanCache()  # plans hold the launch shape
-        try:
-            results.append((_graph_us(fused, sets), setting))
-        except triton.runtime.errors.OutOfResources:  # e.g. more shared memory than an SM has
+        us = _graph_us(fused, sets)
+        if math.isnan(us):  # did not compile or launch, e.g. more shared memory than an SM has
             failed += 1
+        else:
+            results.append((us, setting))
     for name, value in defaults.items():
         setattr(module, name, value)
     module._PLANS = _rows.PlanCache()
@@ -65,7 +60,7 @@ def sweep(title: str, fused, reference, args: tuple, module, grid: dict, nbytes:
         print(f" {mark}{us:8.2f} us {nbytes / us / 1e3:7.0f} GB/s  " + " ".join(f"{k}={v}" for k, v in setting.items()),
               flush=True)
     if failed:
-        print(f"  ({failed} settings did not fit the device)", flush=True)
+        print(f"  ({failed} settings did not compile or launch on the device)", flush=True)
 
 
 def tune_attention(quick: bool, opts: dict) -> None:
