@@ -121,7 +121,7 @@ def test_linear_pattern_leaves_what_cublas_does_better(monkeypatch):
 def test_profile_ratio_keeps_a_replacement_that_is_merely_faster(tmp_path):
     """fusion_ratio 0.8 asks a fusion to be 20% faster; a pattern's profile_ratio 0.98 raises the
     bar it must pass to 0.98 x the fallback."""
-    fallback, fused = (lambda _: time.sleep(0.005)), (lambda _: time.sleep(0.0045))
+    fallback, fused = (lambda _: time.sleep(0.010)), (lambda _: time.sleep(0.009))  # fused 0.9 x fallback
     decide = FusionHeuristics(FusionConfig(cache_dir=tmp_path, profile=True)).profile_and_decide
     assert not decide("fusion", fused, fallback, lambda distinct=False: []).fuse
     kept = decide("replacement", fused, fallback, lambda distinct=False: [], min_ratio=0.98)
