@@ -6,7 +6,8 @@
 For every pattern and shape: median microseconds from triton.testing.do_bench (launches from
 Python, as an eager step pays them), from do_bench_cudagraph (GPU time inside a CUDA graph, as a
 captured denoise step pays it; the graph cycles through copies of the inputs totalling >= 4x the
-L2 size, so every call reads from HBM as in a real step), the host time per call (wrapper + launch,
+L2 size, so every call reads from HBM as in a real step; the faster of two passes that time the
+providers in opposite orders), the host time per call (wrapper + launch,
 calls enqueued back to back), achieved GB/s from the pattern's bytes-moved model, and the
 device's measured copy bandwidth from the same run. Each fused kernel is checked against its
 reference before it is timed. Writes bench/results/kernels-<device>.{csv,json,png}.
