@@ -5,10 +5,16 @@
 Builds the same random-weight model and step state as bench.step, runs each configuration's step
 a few times under torch.profiler and prints the kernels that take the most GPU time, grouped by
 name, with their share of the step. Compare the fused step with torch.compile kernel by kernel.
+
+Kernels are launched one after another here (DIFUSE_PDL=0, unless set): launched early, a kernel's
+time would include its wait for the previous one.
 """
 from __future__ import annotations
 
 import argparse
+import os
+
+os.environ.setdefault("DIFUSE_PDL", "0")  # before any kernel plans its launch
 
 import difuse.fusion  # noqa: F401  (selects the Triton interpreter on CPU-only hosts, before triton loads)
 import torch

@@ -25,6 +25,7 @@ import torch
 from .cache import KernelCache
 from .config import FusionConfig
 from .cuda_graphs import capture_graph
+from .launch import serial_launches
 from .ir import SubGraph
 
 log = logging.getLogger("difuse.fusion")
@@ -180,7 +181,8 @@ class FusionHeuristics:
             # inputs larger than twice the L2 cache evict themselves: one set, no clone
             sets = [first] if copies == 1 else [make_inputs(True) for _ in range(copies)]
             try:
-                t_fused = time_in_cuda_graph([partial(fused, s) for s in sets])
+                with serial_launches():
+                    t_fused = time_in_cuda_graph([partial(fused, s) for s in sets])
             except Exception as e:  # the runtime replays steps in CUDA graphs: such a kernel cannot run there
                 return Decision(False, f"fused kernel cannot be captured in a CUDA graph: {e}", source="profiled",
                                 mode=mode)
@@ -191,7 +193,8 @@ class FusionHeuristics:
                 mode = "eager"
             del sets, first
         if mode == "eager":
-            t_fused = time_callable(lambda: fused(make_inputs(False)), device)
+            with serial_launches():
+                t_fused = time_callable(lambda: fused(make_inputs(False)), device)
             t_fallback = time_callable(lambda: fallback(make_inputs(False)), device)
         fuse = t_fused < ratio * t_fallback
         verdict = "<" if fuse else ">="

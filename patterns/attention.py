@@ -30,10 +30,12 @@ from difuse.patterns._rows import (  # noqa: E402
     check_float,
     check_runtime_device,
     check_same_device,
+    early_launch_options,
     interpreter_widens_dot,
     next_pow2,
     sm_count,
     tensor_key,
+    wait_for_previous_kernel,
 )
 
 LOG2E = 1.4426950408889634
@@ -55,7 +57,9 @@ def _attention_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // Hq
@@ -122,8 +126,10 @@ def _merge_splits_kernel(
     BLOCK_SPLITS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """BLOCK_ROWS (batch, head, query row)s: the slices' partial outputs weighted by exp(max_j - max)."""
+    wait_for_previous_kernel(PDL)
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [R]
     row_ok = rows < n_rows
     bh = rows // T
@@ -201,9 +207,10 @@ def _plan_attention(q, k, v, bias, out_stride):
         splits=splits, keys_per_split=keys_per_split, grid=(B * Hq, splits, cdiv(T, block_t)),
         constants=dict(HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=q.dtype == torch.float32 or widen, WIDEN=widen,
                        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)),
-                       num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+                       num_warps=NUM_WARPS, num_stages=NUM_STAGES, **early_launch_options(q.device)),
         merge_grid=(cdiv(B * Hq * T, merge_rows),),
-        merge=dict(BLOCK_SPLITS=next_pow2(splits), BLOCK_ROWS=merge_rows, BLOCK_D=next_pow2(D), num_warps=4),
+        merge=dict(BLOCK_SPLITS=next_pow2(splits), BLOCK_ROWS=merge_rows, BLOCK_D=next_pow2(D), num_warps=4,
+                   **early_launch_options(q.device)),
     )
 
 

@@ -32,10 +32,12 @@ from difuse.patterns._rows import (  # noqa: E402
     check_float,
     check_runtime_device,
     check_same_device,
+    early_launch_options,
     interpreter_widens_dot,
     next_pow2,
     sm_count,
     tensor_key,
+    wait_for_previous_kernel,
 )
 
 
@@ -55,12 +57,14 @@ def _linear_kernel(
     NUM_STAGES: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" for fp32 operands (as torch.mm), "tf32" otherwise (unused for 16-bit)
     WIDEN: tl.constexpr,  # bf16 operands widened to fp32 (interpreter_widens_dot)
+    PDL: tl.constexpr,  # launched early (early_launch_options)
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * k_split + tl.arange(0, BLOCK_K)
     n_ok, m_ok = rn < N, rm < M
+    wait_for_previous_kernel(PDL)
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * w_sn + rk[None, :] * w_sk
     x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * x_sm + rk[None, :] * x_sk
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -137,7 +141,7 @@ def _plan_linear(x: torch.Tensor, weight: torch.Tensor) -> dict:
         constants=dict(BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k, SPLIT_K=split_k,
                        EVEN_K=split_k * k_split == K, NUM_STAGES=NUM_STAGES,
                        PRECISION="ieee" if x.dtype == torch.float32 or widen else "tf32", WIDEN=widen,
-                       num_warps=NUM_WARPS),
+                       num_warps=NUM_WARPS, **early_launch_options(x.device)),
     )
 
 

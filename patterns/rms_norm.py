@@ -18,15 +18,17 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from difuse.patterns._rows import (  # noqa: E402
+    PlanCache,
+    cdiv,
     check_float,
     check_runtime_device,
     check_same_device,
-    PlanCache,
-    cdiv,
+    early_launch_options,
     next_pow2,
     row_num_warps,
     row_view,
     tensor_key,
+    wait_for_previous_kernel,
 )
 
 _WHOLE_ROW_MAX = 8192
@@ -51,7 +53,9 @@ def _rms_norm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     x_row = _row_offsets(rows, x_inner, x_so, x_si)[:, None]
@@ -137,7 +141,8 @@ def _plan_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
         r_layout=(rv.inner, rv.stride_outer, rv.stride_inner),
         weight_copy=not weight.is_contiguous(), rows=xv.rows, N=N, grid=(cdiv(xv.rows, block_m),),
         constants=dict(HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                       NUM_CHUNKS=num_chunks, num_warps=row_num_warps(block_m * block_n)),
+                       NUM_CHUNKS=num_chunks, num_warps=row_num_warps(block_m * block_n),
+                       **early_launch_options(x.device)),
     )
     return out_dtype, norm_dtype, launch
 

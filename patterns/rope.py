@@ -35,9 +35,11 @@ from difuse.patterns._rows import (  # noqa: E402
     check_float,
     check_runtime_device,
     check_same_device,
+    early_launch_options,
     next_pow2,
     sm_count,
     tensor_key,
+    wait_for_previous_kernel,
 )
 
 
@@ -60,8 +62,10 @@ def _norm_rope_kernel(
     BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
     BLOCK_D: tl.constexpr,  # the passenger's row
+    PDL: tl.constexpr,
 ):
     """A [BLOCK_POS, BLOCK_H, features] tile: positions x heads tile program_id(1) x head features."""
+    wait_for_previous_kernel(PDL)
     pos = tl.program_id(0) * BLOCK_POS + tl.arange(0, BLOCK_POS)
     pos_ok = pos < n_pos
     b = (pos // T).to(tl.int64)[:, None, None]  # [P, 1, 1]
@@ -224,7 +228,8 @@ def _plan_norm_rope(x, weight, cos, sin, out=None, rows=None, v=None, v_out=None
         constants=dict(NORM=weight is not None, HAS_PASS=R < D, ROWS=out is not None, PASSENGER=v is not None,
                        BLOCK_POS=block_pos, BLOCK_H=block_h,
                        BLOCK_HALF=block_half, BLOCK_PASS=block_pass, BLOCK_D=next_pow2(D),
-                       num_warps=max(1, min(8, block_pos * row_elements // VALUES_PER_WARP))),
+                       num_warps=max(1, min(8, block_pos * row_elements // VALUES_PER_WARP)),
+                       **early_launch_options(x.device)),
     )
     return out_dtype, launch
 

@@ -27,9 +27,11 @@ from difuse.patterns._rows import (  # noqa: E402
     check_float,
     check_runtime_device,
     check_same_device,
+    early_launch_options,
     next_pow2,
     row_view,
     tensor_key,
+    wait_for_previous_kernel,
 )
 
 
@@ -40,7 +42,9 @@ def _swiglu_kernel(
     y_ptr,  # contiguous [rows, width]
     width, col_blocks,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     row = (pid // col_blocks).to(tl.int64)
     cols = (pid % col_blocks) * BLOCK + tl.arange(0, BLOCK)
@@ -71,7 +75,8 @@ def _plan_swiglu(gate: torch.Tensor, up: torch.Tensor) -> tuple:
     return out_dtype, dict(
         gate_copy=gv.tensor is not gate, gate_layout=(gv.inner, gv.stride_outer, gv.stride_inner),
         up_copy=uv.tensor is not up, up_layout=(uv.inner, uv.stride_outer, uv.stride_inner),
-        grid=(gv.rows * col_blocks,), sizes=(width, col_blocks), constants=dict(BLOCK=block, num_warps=num_warps))
+        grid=(gv.rows * col_blocks,), sizes=(width, col_blocks),
+        constants=dict(BLOCK=block, num_warps=num_warps, **early_launch_options(gate.device)))
 
 
 _PLANS = PlanCache()

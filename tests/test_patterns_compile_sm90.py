@@ -29,7 +29,7 @@ def _launches() -> list:
     import torch
     from triton.runtime.jit import JITFunction
 
-    from difuse.patterns import add_rms_norm, confidence, linear, qk_norm, rms_norm, rope, swiglu
+    from difuse.patterns import add_rms_norm, attention, confidence, kv_write, linear, qk_norm, rms_norm, rope, swiglu
 
     os.environ["TRITON_INTERPRET"] = "1"  # the wrappers then accept CPU tensors; kernels stay JIT functions
     launches = []
@@ -68,6 +68,14 @@ def _launches() -> list:
     # split K, ragged K, one split; fp16 takes the 16-bit tl.dot that bf16 takes on a GPU
     for rows, outputs, inputs in ((32, 4096, 4096), (5, 1000, 300), (128, 64, 64)):
         linear.fused_linear(torch.randn(rows, inputs, dtype=torch.float16), torch.randn(outputs, inputs, dtype=torch.float16))
+    # keys split over programs (with the merge kernel) and not; a KV-cache write with its passenger
+    q, keys = torch.randn(1, 4, 32, 128, dtype=dt), torch.randn(1, 2, 800, 128, dtype=dt)
+    attention.fused_attention(q, keys, keys)
+    attention.fused_attention(torch.randn(1, 32, 128, 128, dtype=dt), keys[:, :, :64], keys[:, :, :64])
+    cache = torch.zeros(1, 2, 40, 128, dtype=dt)
+    k_new = torch.randn(1, 8, 2, 128, dtype=dt)
+    kv_write.fused_rope_kv_write(k_new, full[:, :1].expand(1, 8, 64), full[:, :1].expand(1, 8, 64),
+                                 torch.arange(8) + 30, cache, cache.clone(), k_new.clone())
     return launches
 
 
@@ -99,8 +107,14 @@ def _compile_all() -> None:
     from triton.compiler import ASTSource
 
     seen, duplicated = set(), []
+    launches = []
     for fn, args, kwargs in _launches():
         kwargs = dict(kwargs)
+        kwargs.pop("launch_pdl", None)
+        launches.append((fn, args, kwargs))
+        if "PDL" in kwargs:  # the wrappers launch early on Hopper GPUs (early_launch_options)
+            launches.append((fn, args, dict(kwargs, PDL=True)))
+    for fn, args, kwargs in launches:
         num_warps = kwargs.pop("num_warps", 4)
         signature, constexprs = _signature(fn, args, kwargs)
         key = (fn.__name__, str(sorted(signature.items())), str(sorted(constexprs.items())), num_warps)
