@@ -11,6 +11,9 @@ providers in opposite orders), the host time per call (wrapper + launch,
 calls enqueued back to back), achieved GB/s from the pattern's bytes-moved model, and the
 device's measured copy bandwidth from the same run. Each fused kernel is checked against its
 reference before it is timed. Writes bench/results/kernels-<device>.{csv,json,png}.
+
+Kernels launch serially here (difuse.fusion.launch.serial_launches): this compares kernels, and
+early launch is an overlap between the different kernels of a step.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ from typing import Callable
 import difuse.fusion  # noqa: F401  (selects the Triton interpreter on CPU-only hosts)
 import torch
 import triton
+
+from difuse.fusion.launch import serial_launches
 
 from difuse.patterns import add_rms_norm as add_rms_norm_mod
 from difuse.patterns import attention, confidence, kv_write, linear, qk_norm, rms_norm, rope, swiglu
@@ -362,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--only", nargs="*", help="pattern names to run")
     args = parser.parse_args(argv)
-    run(args.quick, not args.no_compile, args.only)
+    with serial_launches():
+        run(args.quick, not args.no_compile, args.only)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ SPLITS_UNTIL_PROGRAMS), with torch.compile of the reference alongside.
 
     python -m bench.tune_launch [attention] [rope] [linear]   # CUDA: ~3 minutes each on an H100
     python -m bench.tune_launch --quick              # tiny shapes, two settings; the CPU interpreter works
+    python -m bench.tune_launch linear --grid "PREFETCH_BYTES=0,1024 NUM_STAGES=3"   # a grid of your own
 
-GPU time is measured as in bench.kernels (CUDA graph over rotating input copies of >= 4x L2);
-the six best settings are printed per shape, so the module defaults can be set from measurements.
+GPU time is measured as in bench.kernels (CUDA graph over rotating input copies of >= 4x L2,
+kernels launched serially); the six best settings are printed per shape, so the module defaults can
+be set from measurements.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 import triton
 
 from bench.kernels import _cache_write_case, _time_cpu, graph_us, rotated_inputs
+from difuse.fusion.launch import serial_launches
 from difuse.patterns import _rows, attention, kv_write, linear, rope
 
 
@@ -27,10 +30,29 @@ def _graph_us(fn, sets) -> float:
     return graph_us(fn, sets) if torch.cuda.is_available() else _time_cpu(lambda: fn(*sets[0]), 1)
 
 
+GRID_OVERRIDE: dict | None = None  # --grid: replaces every tuner's grid
+
+
+def parse_grid(text: str) -> dict:
+    """"NAME=v1,v2 NAME2=v3" -> {NAME: [v1, v2], NAME2: [v3]}, numbers as int where they are."""
+    grid = {}
+    for item in text.split():
+        name, _, values = item.partition("=")
+        if not name.isupper() or not values:
+            raise argparse.ArgumentTypeError(f"expected NAME=v1,v2,... with an upper-case module constant, got {item!r}")
+        grid[name] = [float(v) if "." in v else int(v) for v in values.split(",")]
+    return grid
+
+
 def sweep(title: str, fused, reference, args: tuple, module, grid: dict, nbytes: int,
           others: dict | None = None) -> None:
     """Time `fused` under every combination of the module constants in `grid`, then restore them.
     `others`: more baselines (name -> function of args) timed alongside eager and compile."""
+    if GRID_OVERRIDE is not None:
+        unknown = [name for name in GRID_OVERRIDE if not hasattr(module, name)]
+        if unknown:
+            raise SystemExit(f"--grid: {module.__name__} has no constant {', '.join(unknown)}")
+        grid = GRID_OVERRIDE
     cuda = torch.cuda.is_available()
     sets = rotated_inputs(args, 4 * torch.cuda.get_device_properties(0).L2_cache_size) if cuda else [args]
     baseline = f"eager {_graph_us(reference, sets):.2f} us"
@@ -118,7 +140,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--linear-rows", default="32,128", help="comma-separated token rows of the linear sweep")
     parser.add_argument("--rope-rows", default="32,4096", help="comma-separated positions of the rope sweeps")
+    parser.add_argument("--grid", type=parse_grid, default=None,
+                        help='"NAME=v1,v2 NAME2=v3": sweep these module constants instead of the built-in grid')
     args = parser.parse_args(argv)
+    global GRID_OVERRIDE
+    GRID_OVERRIDE = args.grid
     kernels = args.kernels or list(tuners)
     if set(kernels) - set(tuners):
         parser.error(f"unknown kernels {sorted(set(kernels) - set(tuners))}: choose from {', '.join(tuners)}")
@@ -126,12 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     opts = dict(device=device, dtype=torch.bfloat16)
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu-interpreter (timings mean nothing)'}  "
           f"torch {torch.__version__}  triton {triton.__version__}   * = the module's default")
-    for name in kernels:
-        if name in ("linear", "rope"):
-            rows = getattr(args, f"{name}_rows")
-            tuners[name](args.quick, opts, tuple(int(r) for r in rows.split(",")))
-        else:
-            tuners[name](args.quick, opts)
+    with serial_launches():
+        for name in kernels:
+            if name in ("linear", "rope"):
+                rows = getattr(args, f"{name}_rows")
+                tuners[name](args.quick, opts, tuple(int(r) for r in rows.split(",")))
+            else:
+                tuners[name](args.quick, opts)
 
 
 if __name__ == "__main__":
