@@ -6,15 +6,12 @@ Builds the same random-weight model and step state as bench.step, runs each conf
 a few times under torch.profiler and prints the kernels that take the most GPU time, grouped by
 name, with their share of the step. Compare the fused step with torch.compile kernel by kernel.
 
-Kernels are launched one after another here (DIFUSE_PDL=0, unless set): launched early, a kernel's
-time would include its wait for the previous one.
+Kernels launch one after another here (difuse.fusion.launch.serial_launches): launched early, a
+kernel's time would include its wait for the previous one.
 """
 from __future__ import annotations
 
 import argparse
-import os
-
-os.environ.setdefault("DIFUSE_PDL", "0")  # before any kernel plans its launch
 
 import difuse.fusion  # noqa: F401  (selects the Triton interpreter on CPU-only hosts, before triton loads)
 import torch
@@ -22,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.step import LABELS, Configuration, StepState
 from bench.step_model import SPECS, TINY_OF, build_random_model
+from difuse.fusion.launch import serial_launches
 
 
 def kernel_table(prof, steps: int, top: int) -> str:
@@ -49,7 +47,7 @@ def main(argv=None) -> int:
     spec = TINY_OF[args.model] if args.quick else SPECS[args.model]
     prompt, gen, block = (16, 16, 8) if args.quick else (512, 256, 32)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.inference_mode():
+    with torch.inference_mode(), serial_launches():
         model = build_random_model(spec, device, dtype)
         state = StepState(model, args.batch, prompt, gen, block, spec.block_causal, device, dtype)
         for name in args.configs.split(","):
