@@ -63,7 +63,7 @@ def _layer_chain(x, residual, norm_w, gate_up_w, down_w):
 
 
 @pytest.mark.cuda
-def test_early_launched_chain_matches_serial_launches(fresh_choice, monkeypatch):
+def test_early_launched_chain_matches_serial_launches():
     if not _rows.early_launch(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs a Hopper or newer GPU")
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -74,31 +74,17 @@ def test_early_launched_chain_matches_serial_launches(fresh_choice, monkeypatch)
     down_w = torch.randn(4096, 12288, generator=g, **opts) / 110
     args = (x, residual, norm_w, gate_up_w, down_w)
 
-    def fresh_plans():
-        for module in (linear, rms_norm, swiglu, add_rms_norm):
-            if hasattr(module, "_PLANS"):
-                monkeypatch.setattr(module, "_PLANS", _rows.PlanCache())
+    def check(early_outputs):
+        with serial_launches():
+            expected = _layer_chain(*args)
+        for got, want in zip(early_outputs, expected):
+            assert torch.equal(got, want)
 
-    serial = _layer_chain(*args)  # early launch on (this device): plans now carry PDL
-    monkeypatch.setattr(_rows, "early_launch", lambda device: False)
-    fresh_plans()
-    expected = _layer_chain(*args)
-    monkeypatch.undo()
-    fresh_plans()
-    for got, want in zip(serial, expected):
-        assert torch.equal(got, want)
-
-    _layer_chain(*args)  # plans and split-K workspaces exist before the capture
+    check(_layer_chain(*args))
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph):  # plans and split-K workspaces exist: made by the call above
         captured = _layer_chain(*args)
     for _ in range(3):
         x.copy_(torch.randn(x.shape, generator=g, **opts))
         graph.replay()
-        monkeypatch.setattr(_rows, "early_launch", lambda device: False)
-        fresh_plans()
-        expected = _layer_chain(*args)
-        monkeypatch.undo()
-        fresh_plans()
-        for got, want in zip(captured, expected):
-            assert torch.equal(got, want)
+        check(captured)
