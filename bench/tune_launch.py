@@ -143,8 +143,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", type=parse_grid, default=None,
                         help='"NAME=v1,v2 NAME2=v3": sweep these module constants instead of the built-in grid')
     args = parser.parse_args(argv)
-    global GRID_OVERRIDE
-    GRID_OVERRIDE = args.grid
     kernels = args.kernels or list(tuners)
     if set(kernels) - set(tuners):
         parser.error(f"unknown kernels {sorted(set(kernels) - set(tuners))}: choose from {', '.join(tuners)}")
@@ -152,13 +150,18 @@ def main(argv: list[str] | None = None) -> None:
     opts = dict(device=device, dtype=torch.bfloat16)
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu-interpreter (timings mean nothing)'}  "
           f"torch {torch.__version__}  triton {triton.__version__}   * = the module's default")
-    with serial_launches():
-        for name in kernels:
-            if name in ("linear", "rope"):
-                rows = getattr(args, f"{name}_rows")
-                tuners[name](args.quick, opts, tuple(int(r) for r in rows.split(",")))
-            else:
-                tuners[name](args.quick, opts)
+    global GRID_OVERRIDE
+    GRID_OVERRIDE = args.grid
+    try:
+        with serial_launches():
+            for name in kernels:
+                if name in ("linear", "rope"):
+                    rows = getattr(args, f"{name}_rows")
+                    tuners[name](args.quick, opts, tuple(int(r) for r in rows.split(",")))
+                else:
+                    tuners[name](args.quick, opts)
+    finally:
+        GRID_OVERRIDE = None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,29 @@
+"""bench.tune_launch on the CPU interpreter: a --grid of your own replaces the built-in sweep,
+names a module's constants only, and the module's defaults are restored afterwards."""
+import argparse
+
+import pytest
+
+from bench import tune_launch
+from difuse.patterns import linear
+
+
+def test_parse_grid_reads_names_and_numbers():
+    assert tune_launch.parse_grid("BLOCK_K=32,64 SPLITS_UNTIL_PROGRAMS=0.5") == \
+        {"BLOCK_K": [32, 64], "SPLITS_UNTIL_PROGRAMS": [0.5]}
+    for bad in ("block_k=32", "BLOCK_K", "BLOCK_K="):
+        with pytest.raises(argparse.ArgumentTypeError):
+            tune_launch.parse_grid(bad)
+
+
+def test_a_grid_of_your_own_is_swept_and_the_defaults_come_back(capsys):
+    default = linear.BLOCK_K
+    tune_launch.main(["linear", "--quick", "--grid", "BLOCK_K=16,32"])
+    printed = capsys.readouterr().out
+    assert "BLOCK_K=16" in printed and "BLOCK_K=32" in printed
+    assert linear.BLOCK_K == default and tune_launch.GRID_OVERRIDE is None
+
+
+def test_a_grid_naming_an_unknown_constant_stops_with_its_name():
+    with pytest.raises(SystemExit, match="NO_SUCH_KNOB"):
+        tune_launch.main(["linear", "--quick", "--grid", "NO_SUCH_KNOB=1"])
