@@ -1,0 +1,142 @@
+"""A/B runs of the denoise step: one bench.step configuration under settings you name, each run in
+a fresh process, the settings interleaved over rounds so that drift in time favours none.
+
+    python -m bench.ab "DIFUSE_PDL=0" "DIFUSE_PDL=1"                          # environment variables
+    python -m bench.ab "" "difuse.patterns.linear.NUM_STAGES=4" --rounds 3   # module constants ("" = as is)
+    python -m bench.ab ... --model llada-8b --batch 1 --config fused_graph --iters 100
+    python -m bench.ab "" "DIFUSE_PDL=0" --quick --config eager             # tiny shapes (CPU smoke run)
+
+A setting is space-separated NAME=VALUE items: an upper-case NAME without dots is an environment
+variable, a dotted name a module constant set after import (ints, floats, True/False parsed). Each
+setting keeps its own kernel and decision cache across its rounds, so one setting's profile
+decisions never serve another. Prints every run's median ms/step and each setting's median over its
+rounds against the first setting's; writes the table to <out>/ab-<model>-b<batch>-<config>.log.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.step_model import SPECS
+from bench.step_output import RUN_ORDER
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+# Runs in the child: set the module constants, then run bench.step.
+_CHILD = """
+import importlib, json, sys
+for name, value in json.loads(sys.argv[1]).items():
+    module_name, _, constant = name.rpartition(".")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, constant):
+        raise SystemExit(f"bench.ab: {module_name} has no constant {constant}")
+    setattr(module, constant, value)
+from bench import step
+raise SystemExit(step.main(sys.argv[2:]))
+"""
+
+
+def _value(text: str):
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_setting(text: str) -> tuple[dict, dict]:
+    """"DIFUSE_PDL=0 difuse.patterns.linear.BLOCK_K=64" -> (environment, module constants)."""
+    env, constants = {}, {}
+    for item in text.split():
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"expected NAME=VALUE items, got {item!r}")
+        if "." in name:
+            constants[name] = _value(value)
+        elif name.isupper():
+            env[name] = value
+        else:
+            raise argparse.ArgumentTypeError(
+                f"{name!r} is neither an environment variable (upper case) nor a module constant (dotted path)")
+    return env, constants
+
+
+def run_once(setting: str, cache_dir: Path, step_args: list[str], config: str, batch: int) -> float:
+    """Median ms/step of one bench.step run under `setting` (nan, with the reason printed, if none)."""
+    env, constants = parse_setting(setting)
+    with tempfile.TemporaryDirectory() as out:
+        done = subprocess.run(
+            [sys.executable, "-c", _CHILD, json.dumps(constants), *step_args, "--out", out],
+            env={**os.environ, "DIFUSE_CACHE_DIR": str(cache_dir), **env}, capture_output=True, text=True)
+        rows = []
+        for path in Path(out).glob("step-*.json"):
+            rows += [r for r in json.loads(path.read_text())["rows"] if r["config"] == config and r["batch"] == batch]
+    if done.returncode != 0 or not rows or rows[0]["status"] != "ok":
+        reason = rows[0]["error"] if rows else (done.stderr.strip().splitlines() or ["no result"])[-1]
+        print(f"    {setting or '(as is)'}: no measurement: {reason}", flush=True)
+        return float("nan")
+    return rows[0]["median_ms"]
+
+
+def _median(values: list[float]) -> float:
+    measured = [v for v in values if v == v]  # nan: a run without a measurement
+    return statistics.median(measured) if measured else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("settings", nargs="+", help='settings to compare, e.g. "" "DIFUSE_PDL=0"')
+    parser.add_argument("--model", choices=sorted(SPECS), default="llada-8b")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--config", choices=RUN_ORDER, default="fused_graph")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=None, help="timed steps per run (bench.step's default)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    for setting in args.settings:
+        try:
+            parse_setting(setting)
+        except argparse.ArgumentTypeError as e:
+            parser.error(str(e))
+    step_args = ["--model", args.model, "--batch", str(args.batch), "--configs", args.config]
+    step_args += (["--iters", str(args.iters)] if args.iters else []) + (["--quick"] if args.quick else [])
+    names = [s or "(as is)" for s in args.settings]
+    width = max(len(n) for n in names)
+    lines = [f"$ python -m bench.ab {' '.join(repr(s) for s in args.settings)} --model {args.model} "
+             f"--batch {args.batch} --config {args.config} --rounds {args.rounds}"
+             f"{' --quick' if args.quick else ''}   ({time.strftime('%Y-%m-%d', time.gmtime())})"]
+    print(lines[0], flush=True)
+    times: dict[str, list[float]] = {s: [] for s in args.settings}
+    with tempfile.TemporaryDirectory() as caches:
+        for round_ in range(args.rounds):
+            for i, setting in enumerate(args.settings):
+                ms = run_once(setting, Path(caches) / str(i), step_args, args.config, args.batch)
+                times[setting].append(ms)
+                lines.append(f"round {round_}  {names[i]:<{width}}  {ms:9.3f} ms/step")
+                print(lines[-1], flush=True)
+    first = _median(times[args.settings[0]])
+    lines.append(f"{'setting':<{width}}  median ms/step  vs first")
+    for name, setting in zip(names, args.settings):
+        ms = _median(times[setting])
+        lines.append(f"{name:<{width}}  {ms:14.3f}  {ms / first:8.3f}x")
+    print("\n".join(lines[-len(args.settings) - 1:]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / f"ab-{args.model}-b{args.batch}-{args.config}.log"
+    log.write_text("\n".join(lines) + "\n")
+    print(f"wrote {log}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
