@@ -25,8 +25,8 @@ import torch
 from .cache import KernelCache
 from .config import FusionConfig
 from .cuda_graphs import capture_graph
-from .launch import serial_launches
 from .ir import SubGraph
+from .launch import serial_launches
 
 log = logging.getLogger("difuse.fusion")
 
