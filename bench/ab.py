@@ -10,7 +10,8 @@ A setting is space-separated NAME=VALUE items: an upper-case NAME without dots i
 variable, a dotted name a module constant set after import (ints, floats, True/False parsed). Each
 setting keeps its own kernel and decision cache across its rounds, so one setting's profile
 decisions never serve another. Prints every run's median ms/step and each setting's median over its
-rounds against the first setting's; writes the table to <out>/ab-<model>-b<batch>-<config>.log.
+rounds against the first setting's; writes the table and a chart of every run to
+<out>/ab-<model>-b<batch>-<config>.{log,png}.
 """
 from __future__ import annotations
 
@@ -93,6 +94,27 @@ def _median(values: list[float]) -> float:
     return statistics.median(measured) if measured else float("nan")
 
 
+def plot(times: dict[str, list[float]], names: list[str], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.5 * len(names)))
+    for row, (name, runs) in enumerate(zip(names, times.values())):
+        ax.plot(runs, [row] * len(runs), "o", color="tab:blue", alpha=0.6, label="run" if row == 0 else None)
+        ax.plot([_median(runs)], [row], "|", color="black", markersize=18, label="median" if row == 0 else None)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_ylim(len(names) - 0.4, -0.6)  # first setting on top
+    ax.set_xlabel("ms per denoise step (median of the run)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("settings", nargs="+", help='settings to compare, e.g. "" "DIFUSE_PDL=0"')
@@ -132,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"{name:<{width}}  {ms:14.3f}  {ms / first:8.3f}x")
     print("\n".join(lines[-len(args.settings) - 1:]))
     args.out.mkdir(parents=True, exist_ok=True)
-    log = args.out / f"ab-{args.model}-b{args.batch}-{args.config}.log"
-    log.write_text("\n".join(lines) + "\n")
-    print(f"wrote {log}")
+    stem = args.out / f"ab-{args.model}-b{args.batch}-{args.config}"
+    stem.with_suffix(".log").write_text("\n".join(lines) + "\n")
+    plot(times, names, f"{args.model}, batch {args.batch}, {args.config}: {args.rounds} rounds, interleaved",
+         stem.with_suffix(".png"))
+    print(f"wrote {stem}.log, .png")
     return 0
 
 

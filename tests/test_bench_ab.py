@@ -26,3 +26,4 @@ def test_ab_runs_each_setting_each_round_and_writes_the_table(tmp_path, capsys):
     assert len(rounds) == 3 and rounds[-1].split()[-2] == "nan"
     assert all(float(line.split()[-2]) > 0 for line in rounds[:2])
     assert table[-3].split()[-1] == "1.000x"
+    assert (tmp_path / "ab-llada-8b-b1-eager.png").stat().st_size > 0
