@@ -142,7 +142,8 @@ class FusionReport:
         modes = {g.timing for g in self.groups if g.timing}
         if modes:
             notes.append("measured " + " and ".join("inside a CUDA graph" if m == "graph" else "with Python launches"
-                                                    for m in sorted(modes)))
+                                                    for m in sorted(modes))
+                         + ", kernels launched serially (fusion.launch)")
         if bw:
             notes.append(f"device copy bandwidth {bw / 1e9:.1f} GB/s")
         return "\n".join([title, "(" + "; ".join(notes) + ")", fmt(head), *(fmt(r) for r in rows)])
