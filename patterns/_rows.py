@@ -153,11 +153,16 @@ class PlanCache:
 # timed against their fallbacks under difuse.fusion.launch.serial_launches().
 
 
+def is_nvidia_hopper_or_newer(device: torch.device) -> bool:
+    """An NVIDIA GPU of compute capability 9 or more (ROCm GPUs are "cuda" devices too, and an
+    MI300 reports capability 9.4)."""
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 @functools.cache
 def early_launch(device: torch.device) -> bool:
     """Whether step kernels on `device` are launched with programmatic dependent launch."""
-    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-            and os.environ.get("DIFUSE_PDL", "1") != "0")
+    return is_nvidia_hopper_or_newer(device) and os.environ.get("DIFUSE_PDL", "1") != "0"
 
 
 def early_launch_options(device: torch.device) -> dict:

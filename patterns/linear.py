@@ -34,6 +34,7 @@ from difuse.patterns._rows import (  # noqa: E402
     check_same_device,
     early_launch_options,
     interpreter_widens_dot,
+    is_nvidia_hopper_or_newer,
     next_pow2,
     sm_count,
     tensor_key,
@@ -206,7 +207,9 @@ def _measured_on(device: str) -> bool:
     """The kernel was tuned and found faster than cuBLAS on Hopper GPUs only (H100, H200); other
     GPUs keep cuBLAS. CPU means the Triton interpreter, where the tests run it."""
     device = torch.device(device)
-    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9)
+    if device.type == "cpu":
+        return True
+    return is_nvidia_hopper_or_newer(device) and torch.cuda.get_device_capability(device)[0] == 9
 
 
 class LinearPattern(Pattern):

@@ -24,6 +24,10 @@ def test_early_launch_only_on_hopper_and_newer(fresh_choice, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert _rows.early_launch(torch.device("cuda:0"))
     assert _rows.early_launch_options(torch.device("cuda:0")) == dict(PDL=True, launch_pdl=True)
+    _rows.early_launch.cache_clear()
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm: an MI300 reports capability 9.4
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
+    assert not _rows.early_launch(torch.device("cuda:0"))
 
 
 def test_difuse_pdl_0_turns_it_off(fresh_choice, monkeypatch):

@@ -136,3 +136,8 @@ def test_linear_pattern_only_on_gpus_it_was_measured_on(monkeypatch):
     assert not _measured_on("cuda:0")  # an A100 keeps cuBLAS
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert _measured_on("cuda:0") and _measured_on("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert not _measured_on("cuda:0")  # a Blackwell GPU: not measured
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert not _measured_on("cuda:0")  # an MI300 under ROCm reports capability 9.4
