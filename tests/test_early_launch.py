@@ -16,7 +16,7 @@ def fresh_choice():
     _rows.early_launch.cache_clear()
 
 
-def test_early_launch_only_on_hopper_and_newer(fresh_choice, monkeypatch):
+def test_early_launch_only_on_nvidia_hopper_and_newer(fresh_choice, monkeypatch):
     assert not _rows.early_launch(torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert not _rows.early_launch(torch.device("cuda:0"))
