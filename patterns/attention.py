@@ -7,8 +7,10 @@ out = softmax(q k^T * scale + bias) v, in q's dtype, as F.scaled_dot_product_att
 A cached step has T = 32..64 query rows per sequence against S = hundreds to thousands of keys, so
 at small batch there are too few (batch, head) pairs to fill the GPU. The kernel splits the keys
 (flash-decoding): each program reduces one slice of keys for one (batch, head, query tile) to a
-partial output with its running max and sum, and a second kernel merges the slices. With enough
-(batch, head, query tile) programs it runs unsplit and writes the output directly.
+partial output with its running max and sum, stores them and bumps the tile's arrival count; the
+last slice to arrive merges all of them (in slice order, so the result does not depend on arrival
+order), writes the output and zeroes the count for the next launch. A launch is one kernel. With
+enough (batch, head, query tile) programs it runs unsplit and writes the output directly.
 """
 import math
 
@@ -49,9 +51,11 @@ def _attention_kernel(
     bias_ptr, bias_sb, bias_sh, bias_st,  # unit stride over keys; 0 strides on broadcast dims
     out_ptr, o_sb, o_sh, o_st,  # the output (unsplit)
     part_ptr, stats_ptr,  # split: fp32 partial outputs [B*Hq, splits, T, D], (max, sum) [B*Hq, splits, T, 2]
-    Hq, T, S, D, group, scale, keys_per_split, n_splits,
+    count_ptr,  # split: int32 [B*Hq, query tiles] arrivals, zero between launches
+    Hq, T, S, D, group, scale, keys_per_split,
     HAS_BIAS: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLITS: tl.constexpr,  # slices of the keys; 1: unsplit
+    BLOCK_SPLITS: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 dots at full precision, not TF32
     WIDEN: tl.constexpr,  # bf16 operands widened to fp32 (the interpreter's bf16 tl.dot is wrong)
     BLOCK_T: tl.constexpr,
@@ -108,52 +112,46 @@ def _attention_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    if SPLIT:
-        slot = (bh.to(tl.int64) * n_splits + split) * T + t
-        tl.store(part_ptr + slot[:, None] * D + d[None, :], acc, mask=t_ok[:, None] & d_ok[None, :])
+    out_ptrs = out_ptr + b.to(tl.int64) * o_sb + h * o_sh + t[:, None] * o_st + d[None, :]
+    out_mask = t_ok[:, None] & d_ok[None, :]
+    if SPLITS > 1:
+        first_slot = bh.to(tl.int64) * SPLITS * T + t  # slot of (bh, split 0, t); splits are T apart
+        slot = first_slot + split * T
+        tl.store(part_ptr + slot[:, None] * D + d[None, :], acc, mask=out_mask)
         tl.store(stats_ptr + slot * 2, m_i, mask=t_ok)
         tl.store(stats_ptr + slot * 2 + 1, l_i, mask=t_ok)
+        tl.debug_barrier()  # every thread's partial is stored before the arrival is published
+        counter = count_ptr + bh * tl.num_programs(2) + tl.program_id(2)
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:
+            # Weights exp(m_split - m_max) from every slice's (max, sum), read as one tile; the
+            # unrolled partial loads are independent, so they are all in flight together.
+            pieces = tl.arange(0, BLOCK_SPLITS)[:, None]  # [S, 1]
+            stats_at = (first_slot[None, :] + pieces * T) * 2  # [S, T]
+            stats_ok = (pieces < SPLITS) & t_ok[None, :]
+            m_split = tl.load(stats_ptr + stats_at, mask=stats_ok, other=float("-inf"), cache_modifier=".cg")
+            l_split = tl.load(stats_ptr + stats_at + 1, mask=stats_ok, other=0.0, cache_modifier=".cg")
+            weights = tl.where(stats_ok, tl.exp2((m_split - tl.max(m_split, axis=0)[None, :]) * 1.4426950408889634), 0.0)
+            total = tl.where(t_ok, tl.sum(weights * l_split, axis=0), 1.0)  # rows past the end: no 0 / 0
+            merged = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+            for i in tl.static_range(SPLITS):
+                weight = tl.sum(tl.where(pieces == i, weights, 0.0), axis=0)  # [T]: row i of weights
+                part = tl.load(part_ptr + (first_slot + i * T)[:, None] * D + d[None, :], mask=out_mask, other=0.0,
+                               cache_modifier=".cg")
+                merged += weight[:, None] * part
+            tl.store(out_ptrs, (merged / total[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(counter, 0)
     else:
         out = acc / l_i[:, None]
-        tl.store(out_ptr + b.to(tl.int64) * o_sb + h * o_sh + t[:, None] * o_st + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _merge_splits_kernel(
-    part_ptr, stats_ptr, out_ptr, o_sb, o_sh, o_st,
-    Hq, T, D, n_splits, n_rows,  # n_rows = B * Hq * T
-    BLOCK_SPLITS: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """BLOCK_ROWS (batch, head, query row)s: the slices' partial outputs weighted by exp(max_j - max)."""
-    wait_for_previous_kernel(PDL)
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [R]
-    row_ok = rows < n_rows
-    bh = rows // T
-    t = rows % T
-    splits = tl.arange(0, BLOCK_SPLITS)[:, None]  # [S, 1]
-    d = tl.arange(0, BLOCK_D)[None, None, :]  # [1, 1, D]
-    ok = (splits < n_splits) & row_ok[None, :]  # [S, R]
-    slot = (bh.to(tl.int64)[None, :] * n_splits + splits) * T + t[None, :]  # [S, R]
-    m = tl.load(stats_ptr + slot * 2, mask=ok, other=float("-inf"))
-    l_split = tl.load(stats_ptr + slot * 2 + 1, mask=ok, other=0.0)
-    parts = tl.load(part_ptr + slot[:, :, None] * D + d, mask=ok[:, :, None] & (d < D), other=0.0)
-    weight = tl.where(ok, tl.exp2((m - tl.max(m, axis=0)[None, :]) * 1.4426950408889634), 0.0)
-    total = tl.where(row_ok, tl.sum(l_split * weight, axis=0), 1.0)  # rows past the end: no 0 / 0
-    out = tl.sum(parts * weight[:, :, None], axis=0) / total[:, None]  # [R, D]
-    b = (bh // Hq).to(tl.int64)
-    h = bh % Hq
-    target = out_ptr + (b * o_sb + h * o_sh + t * o_st)[:, None] + tl.arange(0, BLOCK_D)[None, :]
-    tl.store(target, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (tl.arange(0, BLOCK_D)[None, :] < D))
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 # Launch shape (tuned on an H100 at 32 query rows over 768 keys, 32 heads x 128): keys per
-# iteration, programs per SM to reach by splitting the keys, warps and pipeline stages.
+# iteration, programs per SM to reach by splitting the keys (the last slice's merge is unrolled
+# over at most MAX_SPLITS), warps and pipeline stages.
 BLOCK_KEYS = 64
 PROGRAMS_PER_SM = 1
+MAX_SPLITS = 16
 NUM_WARPS = 4
 NUM_STAGES = 3
 
@@ -193,28 +191,34 @@ def _plan_attention(q, k, v, bias, out_stride):
     block_n = BLOCK_KEYS if D <= 128 else BLOCK_KEYS // 2
     programs = B * Hq * cdiv(T, block_t)
     # Split the keys only when (batch, head, query tile) programs are too few to fill the GPU.
-    splits = min(cdiv(PROGRAMS_PER_SM * sm_count(q.device), programs), cdiv(S, block_n)) if S else 1
+    splits = min(cdiv(PROGRAMS_PER_SM * sm_count(q.device), programs), cdiv(S, block_n), MAX_SPLITS) if S else 1
     keys_per_split = cdiv(cdiv(S, max(splits, 1)), block_n) * block_n if S else block_n
     splits = max(1, cdiv(S, keys_per_split))
-    # The merge: up to ~8K partial values per program while every SM keeps one.
-    merge_rows = 1
-    while merge_rows * 2 * next_pow2(splits) * next_pow2(D) <= 8192 \
-            and B * Hq * T // (2 * merge_rows) >= sm_count(q.device):
-        merge_rows *= 2
     return dict(
         shape=(B, Hq, T, D), S=S, group=Hq // k.shape[1], bias_strides=bias_strides,
         out_stride=tuple(out_stride) if out_stride is not None else None,
         splits=splits, keys_per_split=keys_per_split, grid=(B * Hq, splits, cdiv(T, block_t)),
-        constants=dict(HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=q.dtype == torch.float32 or widen, WIDEN=widen,
-                       BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)),
+        constants=dict(HAS_BIAS=bias is not None, SPLITS=splits, BLOCK_SPLITS=next_pow2(splits),
+                       IEEE=q.dtype == torch.float32 or widen, WIDEN=widen, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)),
                        num_warps=NUM_WARPS, num_stages=NUM_STAGES, **early_launch_options(q.device)),
-        merge_grid=(cdiv(B * Hq * T, merge_rows),),
-        merge=dict(BLOCK_SPLITS=next_pow2(splits), BLOCK_ROWS=merge_rows, BLOCK_D=next_pow2(D), num_warps=4,
-                   **early_launch_options(q.device)),
+        workspace=_workspace(q.device, B * Hq, splits, T, D, cdiv(T, block_t)) if splits > 1 else None,
     )
 
 
 _PLANS = PlanCache()
+# Split partials, their (max, sum) and arrival counts per (device, B * Hq, splits, T, D), shared by
+# every launch of that shape on the stream. Never dropped, unlike plans: a captured CUDA graph keeps
+# their addresses.
+_WORKSPACES: dict = {}
+
+
+def _workspace(device: torch.device, heads: int, splits: int, T: int, D: int, query_tiles: int) -> tuple:
+    key = (device, heads, splits, T, D)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (torch.empty(heads, splits, T, D, dtype=torch.float32, device=device),
+                            torch.empty(heads, splits, T, 2, dtype=torch.float32, device=device),
+                            torch.zeros(heads * query_tiles, dtype=torch.int32, device=device))
+    return _WORKSPACES[key]
 
 
 def fused_attention(q, k, v, bias=None, scale=None, out_stride=None):
@@ -233,27 +237,16 @@ def fused_attention(q, k, v, bias=None, scale=None, out_stride=None):
     if out.numel() == 0:
         return out
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    c = plan["constants"]
-    if c["SPLIT"]:
-        part = torch.empty((B * Hq, plan["splits"], T, D), dtype=torch.float32, device=q.device)
-        stats = torch.empty((B * Hq, plan["splits"], T, 2), dtype=torch.float32, device=q.device)
-    else:
-        part = stats = out
+    part, stats, counts = plan["workspace"] or (out, out, out)
     _attention_kernel[plan["grid"]](
         q, q.stride(0), q.stride(1), q.stride(2),
         k, k.stride(0), k.stride(1), k.stride(2),
         v, v.stride(0), v.stride(1), v.stride(2),
         bias if bias is not None else q, *plan["bias_strides"],
         out, out.stride(0), out.stride(1), out.stride(2),
-        part, stats,
-        Hq, T, plan["S"], D, plan["group"], scale, plan["keys_per_split"], plan["splits"],
-        **c,
+        part, stats, counts,
+        Hq, T, plan["S"], D, plan["group"], scale, plan["keys_per_split"], **plan["constants"],
     )
-    if c["SPLIT"]:
-        _merge_splits_kernel[plan["merge_grid"]](
-            part, stats, out, out.stride(0), out.stride(1), out.stride(2), Hq, T, D, plan["splits"], B * Hq * T,
-            **plan["merge"],
-        )
     return out
 
 

@@ -50,6 +50,33 @@ def test_attention_matches_sdpa(device, dtype, shape, bias_kind, sm_count):
 
 
 @pytest.mark.gpu
+def test_split_attention_is_one_launch_that_leaves_the_counts_zero(device, sm_count):
+    """The last slice to arrive merges them in slice order: repeated launches agree bit for bit,
+    and each launch hands the next one zeroed arrival counts."""
+    if sm_count == 1:
+        pytest.skip("unsplit")
+    q, k, v, bias = step_inputs(SHAPES[2], torch.float16, device, "padding")
+    first = fused_attention(q, k, v, bias)
+    (plan,) = attention._PLANS.plans.values()
+    assert plan["splits"] > 1 and plan["grid"][2] == 1
+    for _ in range(3):
+        assert torch.equal(fused_attention(q, k, v, bias), first)
+    assert int(plan["workspace"][2].abs().sum()) == 0
+
+
+@pytest.mark.gpu
+def test_attention_splits_at_most_max_splits(device, monkeypatch):
+    """However many SMs wait for work, the last slice's unrolled merge spans at most MAX_SPLITS."""
+    monkeypatch.setattr(attention, "sm_count", lambda device: 10_000)
+    monkeypatch.setattr(attention, "_PLANS", _rows.PlanCache())
+    monkeypatch.setattr(attention, "MAX_SPLITS", 3)
+    q, k, v, bias = step_inputs((1, 1, 1, 2, 300, 16), torch.float32, device, "padding")
+    assert_close(fused_attention(q, k, v, bias), attention_reference(q, k, v, bias))
+    (plan,) = attention._PLANS.plans.values()
+    assert plan["splits"] == 3
+
+
+@pytest.mark.gpu
 def test_attention_scale(device):
     q, k, v, bias = step_inputs(SHAPES[0], torch.float32, device, "padding")
     assert_close(fused_attention(q, k, v, bias, scale=0.3), attention_reference(q, k, v, bias, scale=0.3))

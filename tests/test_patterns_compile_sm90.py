@@ -69,7 +69,7 @@ def _launches() -> list:
     # split K, ragged K, one split; fp16 takes the 16-bit tl.dot that bf16 takes on a GPU
     for rows, outputs, inputs in ((32, 4096, 4096), (5, 1000, 300), (128, 64, 64)):
         linear.fused_linear(torch.randn(rows, inputs, dtype=torch.float16), torch.randn(outputs, inputs, dtype=torch.float16))
-    # keys split over programs (with the merge kernel) and not; a KV-cache write with its passenger
+    # keys split over programs (the last to arrive merging) and not; a KV-cache write with its passenger
     q, keys = torch.randn(1, 4, 32, 128, dtype=dt), torch.randn(1, 2, 800, 128, dtype=dt)
     attention.fused_attention(q, keys, keys)
     attention.fused_attention(torch.randn(1, 32, 128, 128, dtype=dt), keys[:, :, :64], keys[:, :, :64])
