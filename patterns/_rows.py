@@ -148,10 +148,11 @@ class PlanCache:
 #
 # Measured on an H200 at LLaDA-8B batch 1 (bench.step, two runs each): the captured step took
 # 4.81 ms instead of 4.91. (Prefetching the linear kernel's first weight tiles into L2 before the
-# wait won nothing more. The confidence, MoE and router kernels launch early only since that run:
-# not measured.) But a kernel launched early right after another launch of itself can run
+# wait won nothing more.) But a kernel launched early right after another launch of itself can run
 # slower than alone (the batch-1 attention output projection: 16.2 us, not 13.1), so kernels are
-# timed against their fallbacks under difuse.fusion.launch.serial_launches().
+# timed against their fallbacks under difuse.fusion.launch.serial_launches(). The confidence, MoE
+# and MoE-router kernels launch normally: launched early they made the LLaDA-MoE batch-1 step
+# slower (H200, bench.ab, two rounds: 3.289 ms against 3.280).
 
 
 def is_nvidia_hopper_or_newer(device: torch.device) -> bool:

@@ -76,12 +76,10 @@ from difuse.patterns._rows import (  # noqa: E402
     check_float,
     check_runtime_device,
     check_same_device,
-    early_launch_options,
     next_pow2,
     row_view,
     sm_count,
     tensor_key,
-    wait_for_previous_kernel,
 )
 
 _NO_INDEX = tl.constexpr(2**31 - 1)  # "no token yet"; also bounds the vocabulary (int32 indices)
@@ -125,9 +123,7 @@ def _vocab_pass_kernel(
     SAMPLE: tl.constexpr,
     SEED_FROM_PTR: tl.constexpr,
     FINAL: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     if SEED_FROM_PTR:
@@ -201,9 +197,7 @@ def _select_kernel(
     MODE: tl.constexpr,
     THRESHOLD_FROM_PTR: tl.constexpr,
     K_FROM_PTR: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(PDL)
     b = tl.program_id(0).to(tl.int64)
     n = tl.arange(0, BLOCK_N)
     rows = b * N + n
@@ -380,7 +374,6 @@ def _vocab_pass(logits, block, mask_id, temperature, seed, splits, block_v, fina
             SEED_FROM_PTR=seed_from_ptr,
             FINAL=final,
             num_warps=16 if block_v >= 8192 else 8 if block_v >= 4096 else 4,
-            **early_launch_options(device),
         )
     if final:
         return conf, token
@@ -461,7 +454,6 @@ def _launch_select(block, mask_id, mode, threshold=0.0, k=0, partials=None, spli
         THRESHOLD_FROM_PTR=threshold_from_ptr,
         K_FROM_PTR=k_from_ptr,
         num_warps=4,
-        **early_launch_options(device),
     )
     return accept
 
@@ -496,7 +488,7 @@ def fused_token_confidence(logits: torch.Tensor, temperature: float = 0.0, seed=
         SPLITS=splits, BLOCK_N=group, BLOCK_S=next_pow2(splits),
         FROM_PARTIALS=True, SAMPLE=temperature > 0, MODE=_SELECT_NONE,
         THRESHOLD_FROM_PTR=False, K_FROM_PTR=False,
-        num_warps=4, **early_launch_options(logits.device),
+        num_warps=4,
     )
     return conf.view(lead), token.view(lead)
 

@@ -80,7 +80,7 @@ import difuse.fusion  # noqa: E402,F401  (selects the Triton interpreter on CPU-
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from difuse.patterns._rows import early_launch_options, interpreter_widens_dot, wait_for_previous_kernel  # noqa: E402
+from difuse.patterns._rows import interpreter_widens_dot  # noqa: E402
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -127,9 +127,8 @@ def _gate_up_kernel(
     slots_ptr, block_expert_ptr,
     H, I, top_k, num_slots,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr, PDL: tl.constexpr,
+    WIDEN: tl.constexpr,
 ):
-    wait_for_previous_kernel(PDL)
     pid_m = tl.program_id(0)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
@@ -172,9 +171,8 @@ def _down_kernel(
     slots_ptr, block_expert_ptr, slot_weight_ptr,  # slot_weight fp32 [S]
     H, I, num_slots,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr, PDL: tl.constexpr,
+    WIDEN: tl.constexpr,
 ):
-    wait_for_previous_kernel(PDL)
     pid_m = tl.program_id(0)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
@@ -258,21 +256,20 @@ def _fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
     widen = interpreter_widens_dot(x.dtype)
     precision = "ieee" if x.dtype == torch.float32 or widen else "tf32"  # fp32 GEMMs stay fp32, as in the reference
     slot_weights = weights.reshape(-1).float()
-    early = early_launch_options(x.device)
 
     act = torch.empty(P, I, dtype=x.dtype, device=x.device)
     block_n, block_k = _block(I, 64), _block(H, 64)
     _gate_up_kernel[(P // block_m, triton.cdiv(I, block_n))](
         x, x.stride(0), x.stride(1), w13, w13.stride(0), w13.stride(1), w13.stride(2),
         act, sorted_slots, block_expert, H, I, K, S,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, WIDEN=widen, num_warps=4, **early,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, WIDEN=widen, num_warps=4,
     )
     slot_out = torch.zeros(S, H, dtype=torch.float32, device=x.device)
     block_n, block_k = _block(H, 64), _block(I, 64)
     _down_kernel[(P // block_m, triton.cdiv(H, block_n))](
         act, w2, w2.stride(0), w2.stride(1), w2.stride(2),
         slot_out, sorted_slots, block_expert, slot_weights, H, I, S,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, WIDEN=widen, num_warps=4, **early,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, WIDEN=widen, num_warps=4,
     )
     return slot_out.view(N, K, H).sum(dim=1).to(x.dtype)
 

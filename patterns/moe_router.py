@@ -49,7 +49,6 @@ import triton.language as tl  # noqa: E402
 
 from difuse.fusion.ir import Ref  # noqa: E402
 from difuse.fusion.pattern import Pattern, register  # noqa: E402
-from difuse.patterns._rows import early_launch_options, wait_for_previous_kernel  # noqa: E402
 
 
 @triton.jit
@@ -58,9 +57,8 @@ def _softmax_topk_kernel(
     bias_ptr,  # fp32 [E] (unused without HAS_BIAS)
     weights_ptr, ids_ptr,  # contiguous [N, K]: fp32, int64
     E, K,
-    HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     inside = cols < E
@@ -96,8 +94,7 @@ def fused_softmax_topk_router(logits: torch.Tensor, top_k: int, expert_bias: tor
     bias = expert_bias.float().contiguous() if expert_bias is not None else weights
     block = triton.next_power_of_2(E)
     _softmax_topk_kernel[(N,)](logits, logits.stride(0), bias, weights, ids, E, top_k,
-                               HAS_BIAS=expert_bias is not None, BLOCK_E=block, num_warps=1 if block <= 256 else 4,
-                               **early_launch_options(logits.device))
+                               HAS_BIAS=expert_bias is not None, BLOCK_E=block, num_warps=1 if block <= 256 else 4)
     return weights, ids
 
 
