@@ -131,7 +131,8 @@ def _attention_kernel(
             stats_ok = (pieces < SPLITS) & t_ok[None, :]
             m_split = tl.load(stats_ptr + stats_at, mask=stats_ok, other=float("-inf"), cache_modifier=".cg")
             l_split = tl.load(stats_ptr + stats_at + 1, mask=stats_ok, other=0.0, cache_modifier=".cg")
-            weights = tl.where(stats_ok, tl.exp2((m_split - tl.max(m_split, axis=0)[None, :]) * 1.4426950408889634), 0.0)
+            m_max = tl.max(m_split, axis=0)[None, :]
+            weights = tl.where(stats_ok, tl.exp2((m_split - m_max) * 1.4426950408889634), 0.0)
             total = tl.where(t_ok, tl.sum(weights * l_split, axis=0), 1.0)  # rows past the end: no 0 / 0
             merged = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
             for i in tl.static_range(SPLITS):
@@ -146,7 +147,8 @@ def _attention_kernel(
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-# Launch shape (tuned on an H100 at 32 query rows over 768 keys, 32 heads x 128): keys per
+# Launch shape (tuned on an H100 at 32 query rows over 768 keys, 32 heads x 128; still the fastest
+# on an H200 with the merge in the kernel, bench/results/tune-launch-attention-h200.log): keys per
 # iteration, programs per SM to reach by splitting the keys (the last slice's merge is unrolled
 # over at most MAX_SPLITS), warps and pipeline stages.
 BLOCK_KEYS = 64
@@ -199,7 +201,8 @@ def _plan_attention(q, k, v, bias, out_stride):
         out_stride=tuple(out_stride) if out_stride is not None else None,
         splits=splits, keys_per_split=keys_per_split, grid=(B * Hq, splits, cdiv(T, block_t)),
         constants=dict(HAS_BIAS=bias is not None, SPLITS=splits, BLOCK_SPLITS=next_pow2(splits),
-                       IEEE=q.dtype == torch.float32 or widen, WIDEN=widen, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)),
+                       IEEE=q.dtype == torch.float32 or widen, WIDEN=widen,
+                       BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)),
                        num_warps=NUM_WARPS, num_stages=NUM_STAGES, **early_launch_options(q.device)),
         workspace=_workspace(q.device, B * Hq, splits, T, D, cdiv(T, block_t)) if splits > 1 else None,
     )
