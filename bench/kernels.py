@@ -302,8 +302,9 @@ def run(quick: bool, compile_baseline: bool, only: list[str] | None) -> list[dic
         if device == "cuda":
             timings = {provider: _time_cuda(fn, sets) for provider, fn in providers.items()}
             # A second graph pass in the opposite order, keeping each provider's faster pass, so the
-            # order favours none. (On an H200, timed first, rope_kv_write came out 13% behind
-            # torch.compile; tune_launch, timing it after, found it 6% ahead. Cause not known.)
+            # order favours none. (Order does not explain rope_kv_write at 4096 rows: on an H200
+            # it is behind torch.compile here in both passes and ahead of it in tune_launch, same
+            # case, same call; bench/results/rope-kv-write-harnesses-h200.log. Cause not known.)
             for provider in reversed(list(providers)):
                 us, us_graph, us_host = timings[provider]
                 timings[provider] = (us, min(us_graph, graph_us(providers[provider], sets)), us_host)
