@@ -6,6 +6,11 @@ a fresh process, the settings interleaved over rounds so that drift in time favo
     python -m bench.ab ... --model llada-8b --batch 1 --config fused_graph --iters 100
     python -m bench.ab "" "DIFUSE_PDL=0" --quick --config eager             # tiny shapes (CPU smoke run)
 
+Against another revision of difuse: install its tree beside this one and put it first on the path,
+e.g. `git archive REV fusion patterns models runtime pyproject.toml README.md | tar -x -C /tmp/old`,
+`pip install --no-deps --no-build-isolation --target /tmp/old-site /tmp/old`, then the setting
+"PYTHONPATH=/tmp/old-site:$PYTHONPATH" (bench/results/ab-llada-8b-b1-fused_graph.log was run so).
+
 A setting is space-separated NAME=VALUE items: an upper-case NAME without dots is an environment
 variable, a dotted name a module constant set after import (ints, floats, True/False parsed). Each
 setting keeps its own kernel and decision cache across its rounds, so one setting's profile

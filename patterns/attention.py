@@ -313,6 +313,9 @@ def match_attention_at(walker: Walker, index: int) -> dict | None:
 class AttentionPattern(Pattern):
     name = "attention"
     priority = 5
+    # Same bytes as the SDPA backend it replaces, so kept when 5% faster, not fusion_ratio's 20%: at
+    # LLaDA-8B batch 4 it took 21.8 us per layer against SDPA's 25.2 (H200) and was turned down.
+    profile_ratio = 0.95
 
     def match(self, graph):
         matches = []
