@@ -27,7 +27,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import difuse.fusion  # noqa: F401  (selects the Triton interpreter on CPU-only hosts)
 import torch
@@ -125,49 +125,50 @@ def _attention_case(batch: int, block: int, context: int, heads: int, head_dim: 
                              attention.attention_bytes(q, k, v, bias))
 
 
-def build_cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
+def build_cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
+    """The cases one at a time: a case's inputs are allocated when it is reached, not all up front
+    (bench.tune_launch builds its inputs alone too)."""
     rows_list = [5] if quick else [32, 256, 1024, 4096]
     hiddens = [256] if quick else [4096, 2048]
     ffn = 384 if quick else 12288
     vocabs = [3000] if quick else [126464, 157184]
     heads, head_dim = (4, 32) if quick else (32, 128)
     mask_id = 7
-    cases: list[Case] = []
     opts = dict(device=device, dtype=dtype)
     for rows in rows_list:
         for hidden in hiddens:
             label = f"{rows}x{hidden}"
             x, res = torch.randn(rows, hidden, **opts), torch.randn(rows, hidden, **opts)
             w = torch.randn(hidden, **opts)
-            cases.append(_elementwise_case("rms_norm", label, rms_norm.fused_rms_norm, rms_norm.rms_norm,
-                                           (x, w), {"eps": 1e-6}, rms_norm.rms_norm_bytes(x, w)))
-            cases.append(_elementwise_case("add_rms_norm", label, add_rms_norm_mod.fused_add_rms_norm,
-                                           add_rms_norm_mod.add_rms_norm, (x, res, w), {"eps": 1e-6},
-                                           add_rms_norm_mod.add_rms_norm_bytes(x, res, w)))
+            yield _elementwise_case("rms_norm", label, rms_norm.fused_rms_norm, rms_norm.rms_norm,
+                                    (x, w), {"eps": 1e-6}, rms_norm.rms_norm_bytes(x, w))
+            yield _elementwise_case("add_rms_norm", label, add_rms_norm_mod.fused_add_rms_norm,
+                                    add_rms_norm_mod.add_rms_norm, (x, res, w), {"eps": 1e-6},
+                                    add_rms_norm_mod.add_rms_norm_bytes(x, res, w))
         gate, up = torch.randn(rows, ffn, **opts), torch.randn(rows, ffn, **opts)
         gate_up = torch.randn(rows, 2 * ffn, **opts)
-        cases.append(_elementwise_case("swiglu", f"{rows}x{ffn}", swiglu.fused_swiglu, swiglu.swiglu,
-                                       (gate, up), {}, swiglu.swiglu_bytes(gate, up)))
-        cases.append(_elementwise_case("swiglu_packed", f"{rows}x{2 * ffn}", swiglu.fused_swiglu_packed,
-                                       swiglu.swiglu_fused, (gate_up,), {}, swiglu.swiglu_packed_bytes(gate_up)))
+        yield _elementwise_case("swiglu", f"{rows}x{ffn}", swiglu.fused_swiglu, swiglu.swiglu,
+                                (gate, up), {}, swiglu.swiglu_bytes(gate, up))
+        yield _elementwise_case("swiglu_packed", f"{rows}x{2 * ffn}", swiglu.fused_swiglu_packed,
+                                swiglu.swiglu_fused, (gate_up,), {}, swiglu.swiglu_packed_bytes(gate_up))
         q = torch.randn(1, rows, heads, head_dim, **opts)
         angles = torch.randn(1, rows, head_dim // 2, device=device)
         cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
         qw = torch.randn(head_dim, **opts)
         label = f"{rows}x{heads}x{head_dim}"
-        cases.append(_elementwise_case("rope", label, rope.fused_apply_rope, rope.apply_rope, (q, cos, sin), {},
-                                       rope.rope_bytes(q, cos, sin)))
-        cases.append(_elementwise_case("qk_norm_rope", label, qk_norm.fused_qk_norm_rope, qk_norm.qk_norm_rope,
-                                       (q, qw, 1e-6, cos, sin), {}, qk_norm.qk_norm_rope_bytes(q, qw, 1e-6, cos, sin)))
-        cases.append(_cache_write_case(rows, heads, head_dim, rows + (16 if quick else 512), opts))
+        yield _elementwise_case("rope", label, rope.fused_apply_rope, rope.apply_rope, (q, cos, sin), {},
+                                rope.rope_bytes(q, cos, sin))
+        yield _elementwise_case("qk_norm_rope", label, qk_norm.fused_qk_norm_rope, qk_norm.qk_norm_rope,
+                                (q, qw, 1e-6, cos, sin), {}, qk_norm.qk_norm_rope_bytes(q, qw, 1e-6, cos, sin))
+        yield _cache_write_case(rows, heads, head_dim, rows + (16 if quick else 512), opts)
         if rows <= linear.STREAMING_ROWS:  # LLaDA-8B's QKV, attention out, gate_up and FFN down projections
             for n, k in [(96, 80)] if quick else [(12288, 4096), (4096, 4096), (24576, 4096), (4096, 12288)]:
                 x, weight = torch.randn(rows, k, **opts), torch.randn(n, k, **opts) / k**0.5
-                cases.append(_elementwise_case("linear", f"{rows}x{n}x{k}", linear.fused_linear, linear.linear,
-                                               (x, weight), {}, linear.linear_bytes(x, weight)))
+                yield _elementwise_case("linear", f"{rows}x{n}x{k}", linear.fused_linear, linear.linear,
+                                        (x, weight), {}, linear.linear_bytes(x, weight))
         block, context = (4, 24) if quick else (32, 768)
         if rows % block == 0 or quick:
-            cases.append(_attention_case(max(1, rows // block), block, context, heads, head_dim, opts))
+            yield _attention_case(max(1, rows // block), block, context, heads, head_dim, opts)
         for vocab in vocabs:
             label = f"{rows}x{vocab}"
             logits = torch.randn(rows, vocab, device=device) * 4
@@ -175,20 +176,19 @@ def build_cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
             logits[torch.arange(rows, device=device), torch.randint(0, vocab, (rows,), device=device)] = \
                 logits.amax(-1) + 1
             logits = logits.to(dtype)
-            cases.append(_elementwise_case("token_confidence", label, confidence.fused_token_confidence,
-                                           confidence.token_confidence, (logits,), {},
-                                           confidence.token_confidence_bytes(logits)))
+            yield _elementwise_case("token_confidence", label, confidence.fused_token_confidence,
+                                    confidence.token_confidence, (logits,), {},
+                                    confidence.token_confidence_bytes(logits))
             block_len = min(rows, 32)
             # every position still masked (a block's first step): the bytes model is then exact
             block0 = torch.full((rows // block_len, block_len), mask_id, device=device, dtype=torch.int64)
             batched = logits[: block0.numel()].view(*block0.shape, vocab)
-            cases.append(_selection_case("confidence_threshold_select", label,
-                                         confidence.confidence_threshold_select, confidence.threshold_select,
-                                         batched, block0, mask_id, 0.9))
+            yield _selection_case("confidence_threshold_select", label,
+                                  confidence.confidence_threshold_select, confidence.threshold_select,
+                                  batched, block0, mask_id, 0.9)
             k = torch.full((block0.shape[0],), 2, device=device, dtype=torch.int64)
-            cases.append(_selection_case("confidence_topk_select", label, confidence.confidence_topk_select,
-                                         confidence.topk_select, batched, block0, mask_id, k))
-    return cases
+            yield _selection_case("confidence_topk_select", label, confidence.confidence_topk_select,
+                                  confidence.topk_select, batched, block0, mask_id, k)
 
 
 def _time_cpu(fn, repeats: int) -> float:
