@@ -150,10 +150,12 @@ def _attention_kernel(
 # Launch shape (tuned on an H100 at 32 query rows over 768 keys, 32 heads x 128; still the fastest
 # on an H200 with the merge in the kernel, bench/results/tune-launch-attention-h200.log): keys per
 # iteration, programs per SM to reach by splitting the keys (the last slice's merge is unrolled
-# over at most MAX_SPLITS), warps and pipeline stages.
+# over at most MAX_SPLITS), warps and pipeline stages, and the most query rows per program (fewer
+# than a block's rows gives more programs that each read the keys; not yet swept).
 BLOCK_KEYS = 64
 PROGRAMS_PER_SM = 1
 MAX_SPLITS = 16
+MAX_QUERY_ROWS = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
 
@@ -189,7 +191,7 @@ def _plan_attention(q, k, v, bias, out_stride):
         if D > 1 and t.stride(3) != 1:
             raise ValueError(f"{name} must have unit stride in its last dim")
     widen = interpreter_widens_dot(q.dtype)
-    block_t = min(64, max(16, next_pow2(T)))
+    block_t = max(16, min(MAX_QUERY_ROWS, next_pow2(T)))  # tl.dot takes at least 16 rows
     block_n = BLOCK_KEYS if D <= 128 else BLOCK_KEYS // 2
     programs = B * Hq * cdiv(T, block_t)
     # Split the keys only when (batch, head, query tile) programs are too few to fill the GPU.
@@ -209,14 +211,14 @@ def _plan_attention(q, k, v, bias, out_stride):
 
 
 _PLANS = PlanCache()
-# Split partials, their (max, sum) and arrival counts per (device, B * Hq, splits, T, D), shared by
-# every launch of that shape on the stream. Never dropped, unlike plans: a captured CUDA graph keeps
-# their addresses.
+# Split partials, their (max, sum) and arrival counts per (device, B * Hq, splits, T, D, query
+# tiles), shared by every launch of that shape on the stream. Never dropped, unlike plans: a
+# captured CUDA graph keeps their addresses.
 _WORKSPACES: dict = {}
 
 
 def _workspace(device: torch.device, heads: int, splits: int, T: int, D: int, query_tiles: int) -> tuple:
-    key = (device, heads, splits, T, D)
+    key = (device, heads, splits, T, D, query_tiles)
     if key not in _WORKSPACES:
         _WORKSPACES[key] = (torch.empty(heads, splits, T, D, dtype=torch.float32, device=device),
                             torch.empty(heads, splits, T, 2, dtype=torch.float32, device=device),

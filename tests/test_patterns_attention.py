@@ -65,6 +65,19 @@ def test_split_attention_is_one_launch_that_leaves_the_counts_zero(device, sm_co
 
 
 @pytest.mark.gpu
+def test_split_attention_over_several_query_tiles(device, monkeypatch):
+    """Each (batch, head, query tile) counts its own slices' arrivals."""
+    monkeypatch.setattr(attention, "sm_count", lambda device: 132)
+    monkeypatch.setattr(attention, "_PLANS", _rows.PlanCache())
+    monkeypatch.setattr(attention, "MAX_QUERY_ROWS", 16)
+    q, k, v, bias = step_inputs(SHAPES[2], torch.float32, device, "rows")
+    assert_close(fused_attention(q, k, v, bias), attention_reference(q, k, v, bias))
+    (plan,) = attention._PLANS.plans.values()
+    assert plan["grid"][2] == 3 and plan["splits"] > 1
+    assert int(plan["workspace"][2].abs().sum()) == 0
+
+
+@pytest.mark.gpu
 def test_attention_splits_at_most_max_splits(device, monkeypatch):
     """However many SMs wait for work, the last slice's unrolled merge spans at most MAX_SPLITS."""
     monkeypatch.setattr(attention, "sm_count", lambda device: 10_000)
