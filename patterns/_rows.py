@@ -121,6 +121,19 @@ def tensor_key(t: torch.Tensor | None) -> tuple | None:
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
+# Scratch of the split kernels (partial results, arrival counts) per key, shared by every launch of
+# that shape on the stream: run such launches on one stream. Never dropped, unlike plans: a
+# captured CUDA graph keeps their addresses.
+_SPLIT_WORKSPACES: dict = {}
+
+
+def split_workspace(key: tuple, build) -> tuple:
+    """The tensors `build()` makes for `key` (which names the kernel, device and every size), made once."""
+    if key not in _SPLIT_WORKSPACES:
+        _SPLIT_WORKSPACES[key] = build()
+    return _SPLIT_WORKSPACES[key]
+
+
 class PlanCache:
     """Launch plans per tensor_key tuple, so a repeated call skips validation and planning.
     Bounded: a workload cycling through very many shapes replans instead of growing forever."""

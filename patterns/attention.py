@@ -36,6 +36,7 @@ from difuse.patterns._rows import (  # noqa: E402
     interpreter_widens_dot,
     next_pow2,
     sm_count,
+    split_workspace,
     tensor_key,
     wait_for_previous_kernel,
 )
@@ -211,19 +212,14 @@ def _plan_attention(q, k, v, bias, out_stride):
 
 
 _PLANS = PlanCache()
-# Split partials, their (max, sum) and arrival counts per (device, B * Hq, splits, T, D, query
-# tiles), shared by every launch of that shape on the stream. Never dropped, unlike plans: a
-# captured CUDA graph keeps their addresses.
-_WORKSPACES: dict = {}
 
 
 def _workspace(device: torch.device, heads: int, splits: int, T: int, D: int, query_tiles: int) -> tuple:
-    key = (device, heads, splits, T, D, query_tiles)
-    if key not in _WORKSPACES:
-        _WORKSPACES[key] = (torch.empty(heads, splits, T, D, dtype=torch.float32, device=device),
-                            torch.empty(heads, splits, T, 2, dtype=torch.float32, device=device),
-                            torch.zeros(heads * query_tiles, dtype=torch.int32, device=device))
-    return _WORKSPACES[key]
+    """The slices' partial outputs and (max, sum), and the (batch, head, query tile)s' arrival counts."""
+    return split_workspace(("attention", device, heads, splits, T, D, query_tiles), lambda: (
+        torch.empty(heads, splits, T, D, dtype=torch.float32, device=device),
+        torch.empty(heads, splits, T, 2, dtype=torch.float32, device=device),
+        torch.zeros(heads * query_tiles, dtype=torch.int32, device=device)))
 
 
 def fused_attention(q, k, v, bias=None, scale=None, out_stride=None):

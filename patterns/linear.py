@@ -37,6 +37,7 @@ from difuse.patterns._rows import (  # noqa: E402
     is_nvidia_hopper_or_newer,
     next_pow2,
     sm_count,
+    split_workspace,
     tensor_key,
     wait_for_previous_kernel,
 )
@@ -147,17 +148,13 @@ def _plan_linear(x: torch.Tensor, weight: torch.Tensor) -> dict:
 
 
 _PLANS = PlanCache()
-# Split-K partials and arrival counts per (device, splits, M, N, output tiles), shared by every
-# launch of that shape on the stream. Never dropped, unlike plans: a captured CUDA graph keeps their addresses.
-_WORKSPACES: dict = {}
 
 
 def _workspace(device: torch.device, split_k: int, M: int, N: int, tiles: int) -> tuple:
-    key = (device, split_k, M, N, tiles)
-    if key not in _WORKSPACES:
-        _WORKSPACES[key] = (torch.empty(split_k, M, N, dtype=torch.float32, device=device),
-                            torch.zeros(tiles, dtype=torch.int32, device=device))
-    return _WORKSPACES[key]
+    """Split-K partials and the output tiles' arrival counts."""
+    return split_workspace(("linear", device, split_k, M, N, tiles), lambda: (
+        torch.empty(split_k, M, N, dtype=torch.float32, device=device),
+        torch.zeros(tiles, dtype=torch.int32, device=device)))
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
