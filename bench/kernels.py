@@ -304,7 +304,9 @@ def run(quick: bool, compile_baseline: bool, only: list[str] | None) -> list[dic
             # A second graph pass in the opposite order, keeping each provider's faster pass, so the
             # order favours none. (Order does not explain rope_kv_write at 4096 rows: on an H200
             # it is behind torch.compile here in both passes and ahead of it in tune_launch, same
-            # case, same call; bench/results/rope-kv-write-harnesses-h200.log. Cause not known.)
+            # case, same call; bench/results/rope-kv-write-harnesses-h200.log. Building each case
+            # when it is reached changed nothing: 39.9 us here, 35.9 there on 2026-12-02; torch.compile
+            # 38.8 and 39.0. Cause not known.)
             for provider in reversed(list(providers)):
                 us, us_graph, us_host = timings[provider]
                 timings[provider] = (us, min(us_graph, graph_us(providers[provider], sets)), us_host)

@@ -160,8 +160,9 @@ class PlanCache:
 # turns it off.
 #
 # Measured on an H200 at LLaDA-8B batch 1 (bench.step, two runs each): the captured step took
-# 4.81 ms instead of 4.91. (Prefetching the linear kernel's first weight tiles into L2 before the
-# wait won nothing more.) But a kernel launched early right after another launch of itself can run
+# 4.81 ms instead of 4.91. Asking L2 for the next kernel's weights before the wait (Hopper's bulk
+# prefetch) lost: 5.14 ms against 4.74 with 32 MB per linear launch, 4.79 with 8 MB; for attention's
+# cached keys it changed nothing (bench/results/ab-llada-8b-b1-l2-prefetch-h200.log). But a kernel launched early right after another launch of itself can run
 # slower than alone (the batch-1 attention output projection: 16.2 us, not 13.1), so kernels are
 # timed against their fallbacks under difuse.fusion.launch.serial_launches(). The confidence, MoE
 # and MoE-router kernels launch normally: launched early they made the LLaDA-MoE batch-1 step

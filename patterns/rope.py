@@ -53,7 +53,6 @@ def _norm_rope_kernel(
     v_ptr, v_sb, v_st, v_sh, vy_ptr,  # passenger [B, T, H, D] copied to vy[b, t', h] (y's strides)
     T, H, D, half, eps,  # half = R / 2
     n_pos,  # B * T
-    head_tiles,  # programs per block of positions
     NORM: tl.constexpr,
     HAS_PASS: tl.constexpr,  # R < D
     ROWS: tl.constexpr,
@@ -63,17 +62,11 @@ def _norm_rope_kernel(
     BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
     BLOCK_D: tl.constexpr,  # the passenger's row
-    HEADS_FASTEST: tl.constexpr,  # consecutive programs take a position block's head tiles in turn
     PDL: tl.constexpr,
 ):
-    """A [BLOCK_POS, BLOCK_H, features] tile: positions x heads x head features."""
+    """A [BLOCK_POS, BLOCK_H, features] tile: positions x heads tile program_id(1) x head features."""
     wait_for_previous_kernel(PDL)
-    if HEADS_FASTEST:
-        pos_block, head_tile = tl.program_id(0) // head_tiles, tl.program_id(0) % head_tiles
-    else:
-        pos_blocks = tl.cdiv(n_pos, BLOCK_POS)
-        pos_block, head_tile = tl.program_id(0) % pos_blocks, tl.program_id(0) // pos_blocks
-    pos = pos_block * BLOCK_POS + tl.arange(0, BLOCK_POS)
+    pos = tl.program_id(0) * BLOCK_POS + tl.arange(0, BLOCK_POS)
     pos_ok = pos < n_pos
     b = (pos // T).to(tl.int64)[:, None, None]  # [P, 1, 1]
     t = (pos % T).to(tl.int64)[:, None, None]
@@ -84,7 +77,7 @@ def _norm_rope_kernel(
     else:
         t_out = t
         out_ok = pos_ok[:, None, None]
-    heads = (head_tile * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]  # [1, H, 1]
+    heads = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]  # [1, H, 1]
     row_ok = pos_ok[:, None, None] & (heads < H)  # [P, H, 1]
     cols = tl.arange(0, BLOCK_HALF)[None, None, :]  # [1, 1, HALF]
     col_ok = cols < half
@@ -142,11 +135,6 @@ TILE_VALUES = 4096
 VALUES_PER_WARP = 1024
 PROGRAMS_PER_SM = 8
 MIN_PROGRAMS_PER_SM = 2
-# Program order when a block of positions spans several head tiles (rope_kv_write's k and v at many
-# positions): False runs every position block of one head tile before the next tile, so reads
-# of a token's row come in pieces far apart in time; True runs a position block's tiles together,
-# reading the rows front to back, as torch.compile's kernel does. Not yet measured.
-HEADS_FASTEST = False
 
 
 def _check_destination(name: str, dest: torch.Tensor, batch: int, heads: int, head_dim: int, dtype) -> None:
@@ -233,15 +221,13 @@ def _plan_norm_rope(x, weight, cos, sin, out=None, rows=None, v=None, v_out=None
     launch = dict(
         x_copy=x_copy, v_copy=v_copy, rope_copy=rope_copy,
         weight_copy=weight is not None and not weight.is_contiguous(),
-        grid=(cdiv(B * T, block_pos) * head_tiles,), head_tiles=head_tiles,
-        x_strides=x_strides[:3], v_strides=v_strides[:3],
+        grid=(cdiv(B * T, block_pos), head_tiles), x_strides=x_strides[:3], v_strides=v_strides[:3],
         rope_strides=(cos_strides[0] if cos.shape[0] > 1 else 0, cos_strides[1]),
         y_strides=y_strides, n_rows=out.shape[2] if out is not None else T,
         sizes=(T, H, D, R // 2), n_pos=B * T,
         constants=dict(NORM=weight is not None, HAS_PASS=R < D, ROWS=out is not None, PASSENGER=v is not None,
                        BLOCK_POS=block_pos, BLOCK_H=block_h,
                        BLOCK_HALF=block_half, BLOCK_PASS=block_pass, BLOCK_D=next_pow2(D),
-                       HEADS_FASTEST=HEADS_FASTEST,
                        num_warps=max(1, min(8, block_pos * row_elements // VALUES_PER_WARP)),
                        **early_launch_options(x.device)),
     )
@@ -278,7 +264,7 @@ def launch_norm_rope(x, weight, eps, cos, sin, out=None, rows=None, v=None, v_ou
         y, *plan["y_strides"],
         rows if rows is not None else x, plan["n_rows"],
         v if v is not None else x, *plan["v_strides"], v_out if v_out is not None else y,
-        *plan["sizes"], float(eps), plan["n_pos"], plan["head_tiles"],
+        *plan["sizes"], float(eps), plan["n_pos"],
         **plan["constants"],
     )
     return y

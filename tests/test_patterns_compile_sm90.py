@@ -114,8 +114,6 @@ def _compile_all() -> None:
         launches.append((fn, args, kwargs))
         if "PDL" in kwargs:  # the wrappers launch early on Hopper GPUs (early_launch_options)
             launches.append((fn, args, dict(kwargs, PDL=True)))
-        if "HEADS_FASTEST" in kwargs:  # rope's other program order (rope.HEADS_FASTEST)
-            launches.append((fn, args, dict(kwargs, HEADS_FASTEST=not kwargs["HEADS_FASTEST"])))
     for fn, args, kwargs in launches:
         num_warps = kwargs.pop("num_warps", 4)
         signature, constexprs = _signature(fn, args, kwargs)

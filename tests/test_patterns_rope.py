@@ -88,4 +88,4 @@ def test_position_blocks_with_a_ragged_tail(device, norm, monkeypatch):
         assert_close(fused_qk_norm_rope(x, w, 1e-6, cos, sin), qk_norm_rope(x, w, 1e-6, cos, sin))
     else:
         assert_close(fused_apply_rope(x, cos, sin), apply_rope(x, cos, sin))
-    assert launched == [(9,)]
+    assert launched == [(9, 1)]
