@@ -162,7 +162,10 @@ class PlanCache:
 # Measured on an H200 at LLaDA-8B batch 1 (bench.step, two runs each): the captured step took
 # 4.81 ms instead of 4.91. Asking L2 for the next kernel's weights before the wait (Hopper's bulk
 # prefetch) lost: 5.14 ms against 4.74 with 32 MB per linear launch, 4.79 with 8 MB; for attention's
-# cached keys it changed nothing (bench/results/ab-llada-8b-b1-l2-prefetch-h200.log). But a kernel launched early right after another launch of itself can run
+# cached keys it changed nothing (bench/results/ab-llada-8b-b1-l2-prefetch-h200.log). Launched
+# early, a small kernel costs the step little: rotating q inside the attention kernel instead of
+# in its own left the step as it was (4.728 against 4.723 ms, ab-llada-8b-b1-rope-in-attention-
+# h200.log), and SwiGLU in the gate_up kernel made it slower (patterns/linear.py). But a kernel launched early right after another launch of itself can run
 # slower than alone (the batch-1 attention output projection: 16.2 us, not 13.1), so kernels are
 # timed against their fallbacks under difuse.fusion.launch.serial_launches(). The confidence, MoE
 # and MoE-router kernels launch normally: launched early they made the LLaDA-MoE batch-1 step
