@@ -164,12 +164,13 @@ class PlanCache:
 # prefetch) lost: 5.14 ms against 4.74 with 32 MB per linear launch, 4.79 with 8 MB; for attention's
 # cached keys it changed nothing (bench/results/ab-llada-8b-b1-l2-prefetch-h200.log). Launched
 # early, a small kernel costs the step little: rotating q inside the attention kernel instead of
-# in its own left the step as it was (4.728 against 4.723 ms, ab-llada-8b-b1-rope-in-attention-
-# h200.log), and SwiGLU in the gate_up kernel made it slower (patterns/linear.py). But a kernel launched early right after another launch of itself can run
-# slower than alone (the batch-1 attention output projection: 16.2 us, not 13.1), so kernels are
-# timed against their fallbacks under difuse.fusion.launch.serial_launches(). The confidence, MoE
-# and MoE-router kernels launch normally: launched early they made the LLaDA-MoE batch-1 step
-# slower (H200, bench.ab, two rounds: 3.289 ms against 3.280).
+# in its own left the step as it was (4.728 against 4.723 ms;
+# bench/results/ab-llada-8b-b1-rope-in-attention-h200.log), and SwiGLU in the gate_up kernel
+# made it slower (patterns/linear.py). But a kernel launched early right after another launch of
+# itself can run slower than alone (the batch-1 attention output projection: 16.2 us, not 13.1),
+# so kernels are timed against their fallbacks under difuse.fusion.launch.serial_launches(). The
+# confidence, MoE and MoE-router kernels launch normally: launched early they made the LLaDA-MoE
+# batch-1 step slower (H200, bench.ab, two rounds: 3.289 ms against 3.280).
 
 
 def is_nvidia_hopper_or_newer(device: torch.device) -> bool:
