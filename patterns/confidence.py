@@ -52,9 +52,12 @@ def topk_select(confidence, token, block, mask_id: int, k: torch.Tensor):
 #
 # Vocabulary pass (`_vocab_pass_kernel`, grid rows x splits): every program streams its slice of
 # one logits row once, keeping per-lane running state in registers: max m, sum of exp(x - m),
-# and the argmax (first index among ties: a lane only moves on a strictly larger value and chunks
-# go left to right; across lanes the smallest index among equal keys wins). One exp per element:
-# exp(min(x, m) - max(x, m)) rescales whichever side is smaller. At temperature > 0 the argmax key is
+# and the argmax (first index among ties: a lane only moves on a strictly larger value and tiles
+# go left to right; across lanes the smallest index among equal keys wins). Greedy, a tile is held
+# as TILE_ROWS rows of lanes and reduced over its rows inside each thread first, so the running sum
+# is rescaled once per TILE_ROWS elements (per element one exp, one add and a max), and a lane
+# keeps only the tile where its max was first reached; after the pass the winning lanes' tiles are
+# read again for the first column holding the row's max. At temperature > 0 the argmax key is
 # the exponential race x / T - log(E), E = -log(U), U = tl.rand(seed, row * V + col) drawn in-kernel,
 # and the raw logit at the winner is kept for its probability. Rows whose block token is not the
 # mask id skip the pass (MASKED_ONLY). With one split the program writes (confidence, token)
@@ -91,13 +94,18 @@ _LOWEST = tl.constexpr(-3.4028234663852886e38)  # lowest finite float32
 
 
 @triton.jit
-def _online_step(x, cols, m, s, best_i, best_k, best_l, row, V, temperature, rng_seed, SAMPLE: tl.constexpr):
-    """Fold one tile x (fp32, -inf where masked) into the per-lane running state."""
-    m_new = tl.maximum(m, x)
-    e = tl.exp(tl.minimum(m, x) - m_new)  # one exp rescales whichever side is smaller
-    larger = x > m
-    s = tl.where(larger, s * e + 1.0, s + e)
+def _fold_tile(x, tile_start, tile, m, s, best_i, best_k, best_l, row, V, temperature, rng_seed,
+               SAMPLE: tl.constexpr):
+    """Fold one tile x [TILE_ROWS, width] (fp32, -inf where masked; columns tile_start + tile) into
+    the per-lane running state [width]."""
     if SAMPLE:
+        # One row per tile: per element one exp, exp(min(x, m) - max(x, m)), rescales whichever
+        # side is smaller, and the key race keeps its column and logit.
+        x = tl.max(x, axis=0)  # the tile's one row
+        cols = tile_start + tl.max(tile, axis=0)
+        m_new = tl.maximum(m, x)
+        e = tl.exp(tl.minimum(m, x) - m_new)
+        s = tl.where(x > m, s * e + 1.0, s + e)
         u = tl.rand(rng_seed, row * V + cols)
         key = x / temperature - tl.log(-tl.log(u))
         take = key > best_k
@@ -105,7 +113,13 @@ def _online_step(x, cols, m, s, best_i, best_k, best_l, row, V, temperature, rng
         best_i = tl.where(take, cols, best_i)
         best_l = tl.where(take, x, best_l)
     else:
-        best_i = tl.where(larger, cols, best_i)
+        # The rows reduce inside each thread: one rescale of the running sum per TILE_ROWS
+        # elements, and best_i keeps the start of the tile where the lane's max was first reached
+        # (the column inside it is found once, after the pass).
+        tile_max = tl.max(x, axis=0)
+        m_new = tl.maximum(m, tile_max)
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[None, :]), axis=0)
+        best_i = tl.where(tile_max > m, tile_start, best_i)
     return m_new, s, best_i, best_k, best_l
 
 
@@ -119,6 +133,7 @@ def _vocab_pass_kernel(
     chunk,  # columns per split, a multiple of BLOCK_V
     SPLITS: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    TILE_ROWS: tl.constexpr,  # a BLOCK_V tile folds as [TILE_ROWS, BLOCK_V // TILE_ROWS]
     MASKED_ONLY: tl.constexpr,
     SAMPLE: tl.constexpr,
     SEED_FROM_PTR: tl.constexpr,
@@ -135,28 +150,28 @@ def _vocab_pass_kernel(
         active = tl.load(block_ptr + (row // b_inner) * b_so + (row % b_inner) * b_si) == mask_id
     if active:
         row_ptr = logits_ptr + (row // l_inner) * l_so + (row % l_inner) * l_si
-        lanes = tl.arange(0, BLOCK_V)
-        # The running max starts at the lowest finite float, not -inf: exp(min - max) then never
+        width: tl.constexpr = BLOCK_V // TILE_ROWS
+        tile = tl.arange(0, TILE_ROWS)[:, None] * width + tl.arange(0, width)[None, :]  # [TILE_ROWS, width]
+        # The running max starts at the lowest finite float, not -inf: exp(m - m_new) then never
         # sees -inf - -inf, so the loop needs no NaN guard (a lane that saw only -inf keeps s = 0).
-        m = tl.full((BLOCK_V,), _LOWEST, tl.float32)
-        s = tl.zeros((BLOCK_V,), tl.float32)
-        best_i = tl.full((BLOCK_V,), _NO_INDEX, tl.int32)
-        best_k = tl.full((BLOCK_V,), float("-inf"), tl.float32)
-        best_l = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+        m = tl.full((width,), _LOWEST, tl.float32)
+        s = tl.zeros((width,), tl.float32)
+        best_i = tl.full((width,), _NO_INDEX, tl.int32)
+        best_k = tl.full((width,), float("-inf"), tl.float32)
+        best_l = tl.full((width,), float("-inf"), tl.float32)
         start = split * chunk
         # Whole tiles load without a mask; the split's last, partial tile (if any) with one.
         end = tl.minimum(chunk, V - start)
         full = end - end % BLOCK_V
         for offset in tl.range(0, full, BLOCK_V, num_stages=3):
-            cols = start + offset + lanes
-            x = tl.load(row_ptr + cols).to(tl.float32)
-            m, s, best_i, best_k, best_l = _online_step(x, cols, m, s, best_i, best_k, best_l, row, V,
-                                                        temperature, rng_seed, SAMPLE)
+            x = tl.load(row_ptr + start + offset + tile).to(tl.float32)
+            m, s, best_i, best_k, best_l = _fold_tile(x, start + offset, tile, m, s, best_i, best_k, best_l,
+                                                      row, V, temperature, rng_seed, SAMPLE)
         for offset in range(full, end, BLOCK_V):
-            cols = start + offset + lanes
+            cols = start + offset + tile
             x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            m, s, best_i, best_k, best_l = _online_step(x, cols, m, s, best_i, best_k, best_l, row, V,
-                                                        temperature, rng_seed, SAMPLE)
+            m, s, best_i, best_k, best_l = _fold_tile(x, start + offset, tile, m, s, best_i, best_k, best_l,
+                                                      row, V, temperature, rng_seed, SAMPLE)
         row_max = tl.max(m, axis=0)
         row_sum = tl.sum(s * tl.exp(m - row_max), axis=0)  # a lane that saw only -inf adds 0
         if SAMPLE:
@@ -164,8 +179,13 @@ def _vocab_pass_kernel(
             index = tl.min(tl.where(best_k == key_max, best_i, _NO_INDEX), axis=0)
             logit = tl.max(tl.where(best_i == index, best_l, float("-inf")), axis=0)
         else:
+            # The first column holding the max: read again the winning lanes' tiles (one lane,
+            # unless the max is tied) and take the first match.
             key_max = row_max
-            index = tl.min(tl.where(m == row_max, best_i, _NO_INDEX), axis=0)
+            winner = (m == row_max) & (best_i != _NO_INDEX)
+            cols = tl.where(winner, best_i, 0)[None, :] + tile
+            again = tl.load(row_ptr + cols, mask=winner[None, :] & (cols < V), other=float("-inf")).to(tl.float32)
+            index = tl.min(tl.min(tl.where(again == row_max, cols, _NO_INDEX), axis=1), axis=0)
             logit = row_max
         if FINAL:
             tl.store(conf_ptr + row, tl.exp(logit - row_max) / row_sum)
@@ -266,6 +286,12 @@ def _select_kernel(
 
 _DEFAULT_BLOCK_V = 4096
 _SPLIT_BLOCK_V = 2048
+# The greedy pass's tile of BLOCK_V values folds as [TILE_ROWS, BLOCK_V / TILE_ROWS], WARP_VALUES of
+# them per warp; the sampling pass takes one row per tile, SAMPLE_WARP_VALUES per warp (H200,
+# bench/results/tune-confidence-tile-rows-h200.log).
+TILE_ROWS = 4
+WARP_VALUES = 1024
+SAMPLE_WARP_VALUES = 512
 
 
 def _check_logits(logits: torch.Tensor) -> None:
@@ -340,10 +366,11 @@ def _vocab_pass(logits, block, mask_id, temperature, seed, splits, block_v, fina
     V = logits.shape[-1]
     device = logits.device
     splits, block_v, chunk = plan_vocab_pass(view.rows, V, device, splits, block_v)
+    sample = temperature > 0
+    tile_rows = 1 if sample else min(TILE_ROWS, block_v)  # sampling: the key race per element
     if final and splits != 1:
         raise ValueError("a final vocabulary pass needs a single split")
     seed, seed_from_ptr = _seed_arg(seed, device)
-    sample = temperature > 0
     f32 = dict(dtype=torch.float32, device=device)
     shape = (view.rows, splits)
     if final:
@@ -369,11 +396,12 @@ def _vocab_pass(logits, block, mask_id, temperature, seed, splits, block_v, fina
             chunk,
             SPLITS=splits,
             BLOCK_V=block_v,
+            TILE_ROWS=tile_rows,
             MASKED_ONLY=block is not None,
             SAMPLE=sample,
             SEED_FROM_PTR=seed_from_ptr,
             FINAL=final,
-            num_warps=16 if block_v >= 8192 else 8 if block_v >= 4096 else 4,
+            num_warps=max(1, min(16, block_v // (SAMPLE_WARP_VALUES if sample else WARP_VALUES))),
         )
     if final:
         return conf, token

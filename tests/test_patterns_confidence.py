@@ -3,6 +3,7 @@ import torch
 from pattern_checks import DTYPES, graph_values, resolve_params
 
 from difuse.fusion.record import record
+from difuse.patterns import confidence
 from difuse.patterns.confidence_patterns import (
     ConfidenceThresholdSelectPattern,
     ConfidenceTopKSelectPattern,
@@ -74,6 +75,25 @@ def test_token_confidence_ties_take_the_smallest_index(device, splits, block_v):
     conf, token = fused_token_confidence(logits, splits=splits, block_v=block_v)
     ref_conf, ref_token = token_confidence(logits)
     assert token.tolist() == [0, 5, 640] == ref_token.tolist()
+    torch.testing.assert_close(conf, ref_conf)
+
+
+@pytest.mark.gpu
+def test_ties_in_one_lane_take_the_smallest_index(device):
+    """A lane's tied maxima in one tile's rows and in later tiles: the column found after the pass
+    is the first one, wherever the lane first reached its max."""
+    block_v = 128
+    width = block_v // min(confidence.TILE_ROWS, block_v)  # the lanes of a tile row
+    lane = 5
+    logits = torch.zeros(3, 1000, device=device)
+    logits[0, [lane + 2 * block_v + width, lane + block_v, lane + 3 * width]] = 2.0  # first: row 3 of tile 0
+    logits[1, [lane + block_v + width, lane + block_v + 2 * width]] = 2.0  # two rows of tile 1
+    logits[2, [lane + 3 * block_v, lane + block_v]] = 2.0  # tiles 1 and 3
+    logits[2, lane] = 1.0  # the lane's max rises after tile 0
+    conf, token = fused_token_confidence(logits, splits=1, block_v=block_v)
+    ref_conf, ref_token = token_confidence(logits)
+    assert token.tolist() == ref_token.tolist() == [
+        lane + 3 * width, lane + block_v + width, lane + block_v]
     torch.testing.assert_close(conf, ref_conf)
 
 
