@@ -302,11 +302,10 @@ def run(quick: bool, compile_baseline: bool, only: list[str] | None) -> list[dic
         if device == "cuda":
             timings = {provider: _time_cuda(fn, sets) for provider, fn in providers.items()}
             # A second graph pass in the opposite order, keeping each provider's faster pass, so the
-            # order favours none. (Order does not explain rope_kv_write at 4096 rows: on an H200
-            # it is behind torch.compile here in both passes and ahead of it in tune_launch, same
-            # case, same call; bench/results/rope-kv-write-harnesses-h200.log. Building each case
-            # when it is reached changed nothing: 39.9 us here, 35.9 there on 2026-12-02; torch.compile
-            # 38.8 and 39.0. Cause not known.)
+            # order favours none. (Order does not explain rope_kv_write at 4096 rows being behind
+            # torch.compile here and at times ahead in tune_launch: three fresh tune_launch processes
+            # on one H200 put it steadily 4% behind, the leads coming with slower torch.compile runs;
+            # bench/results/rope-4096-three-processes-h200.log.)
             for provider in reversed(list(providers)):
                 us, us_graph, us_host = timings[provider]
                 timings[provider] = (us, min(us_graph, graph_us(providers[provider], sets)), us_host)

@@ -1,9 +1,10 @@
 """Sweep the named launch constants of the step kernels: patterns.attention (BLOCK_KEYS,
 PROGRAMS_PER_SM, NUM_WARPS, NUM_STAGES), patterns.rope (TILE_VALUES, VALUES_PER_WARP, ...,
-shared by rope, qk_norm_rope and rope_kv_write) and patterns.linear (BLOCK_N, BLOCK_K, NUM_STAGES,
-SPLITS_UNTIL_PROGRAMS), with torch.compile of the reference alongside.
+shared by rope, qk_norm_rope and rope_kv_write), patterns.linear (BLOCK_N, BLOCK_K, NUM_STAGES,
+SPLITS_UNTIL_PROGRAMS) and patterns.rms_norm (ROW_VALUES, shared by rms_norm and add_rms_norm),
+with torch.compile of the reference alongside.
 
-    python -m bench.tune_launch [attention] [rope] [linear]   # CUDA: ~3 minutes each on an H100
+    python -m bench.tune_launch [attention] [rope] [linear] [norm]   # CUDA: ~3 minutes each on an H100
     python -m bench.tune_launch --quick              # tiny shapes, two settings; the CPU interpreter works
     python -m bench.tune_launch linear --grid "PREFETCH_BYTES=0,1024 NUM_STAGES=3"   # a grid of your own
 
@@ -23,7 +24,7 @@ import triton
 
 from bench.kernels import _cache_write_case, _time_cpu, graph_us, rotated_inputs
 from difuse.fusion.launch import serial_launches
-from difuse.patterns import _rows, attention, kv_write, linear, rope
+from difuse.patterns import _rows, add_rms_norm, attention, kv_write, linear, rms_norm, rope
 
 
 def _graph_us(fn, sets) -> float:
@@ -133,9 +134,22 @@ def tune_linear(quick: bool, opts: dict, rows_list: tuple = (32, 128)) -> None:
               linear.linear_bytes(x, w), others={"cuBLAS swapped": lambda x, w: torch.mm(w, x.t())})
 
 
+def tune_norm(quick: bool, opts: dict) -> None:
+    """RMSNorm and Add+RMSNorm over 4096 rows of LLaDA-8B's and LLaDA-MoE's hidden sizes."""
+    shapes = [(5, 64)] if quick else [(4096, 4096), (4096, 2048)]
+    grid = dict(ROW_VALUES=[32, 64]) if quick else dict(ROW_VALUES=[1024, 2048, 4096, 8192, 16384])
+    for rows, hidden in shapes:
+        x, residual, weight = torch.randn(rows, hidden, **opts), torch.randn(rows, hidden, **opts), \
+            torch.randn(hidden, **opts)
+        sweep(f"rms_norm {rows}x{hidden}", rms_norm.fused_rms_norm, rms_norm.rms_norm, (x, weight, 1e-6),
+              rms_norm, grid, rms_norm.rms_norm_bytes(x, weight))
+        sweep(f"add_rms_norm {rows}x{hidden}", add_rms_norm.fused_add_rms_norm, add_rms_norm.add_rms_norm,
+              (x, residual, weight, 1e-6), rms_norm, grid, add_rms_norm.add_rms_norm_bytes(x, residual, weight))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tuners = {"attention": tune_attention, "rope": tune_rope, "linear": tune_linear}
+    tuners = {"attention": tune_attention, "rope": tune_rope, "linear": tune_linear, "norm": tune_norm}
     parser.add_argument("kernels", nargs="*", help=f"any of {', '.join(tuners)} (default: all)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--linear-rows", default="32,128", help="comma-separated token rows of the linear sweep")

@@ -107,6 +107,10 @@ def _check_eps(eps) -> float:
     return float(eps)
 
 
+# Values per program: rows narrower than this share a program (bench.tune_launch norm sweeps it).
+ROW_VALUES = 2048
+
+
 def _plan_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> tuple:
     """Validate once per (shapes, strides, dtypes, device) and fix everything the launch needs."""
     check_float("x", x)
@@ -133,8 +137,8 @@ def _plan_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
         block_n, num_chunks = next_pow2(N), 1
     else:
         block_n, num_chunks = _CHUNK, cdiv(N, _CHUNK)
-    # Narrow rows (head_dim norms) pack several rows per program to keep ~2k values in flight.
-    block_m = min(next_pow2(xv.rows), max(1, 2048 // block_n))
+    # Narrow rows (head_dim norms) pack several rows per program to keep ~ROW_VALUES in flight.
+    block_m = min(next_pow2(xv.rows), max(1, ROW_VALUES // block_n))
     launch = dict(
         x_copy=xv.tensor is not x, x_layout=(xv.inner, xv.stride_outer, xv.stride_inner),
         r_copy=residual is not None and rv.tensor is not residual,

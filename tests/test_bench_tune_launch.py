@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from bench import tune_launch
-from difuse.patterns import linear
+from difuse.patterns import linear, rms_norm
 
 
 def test_parse_grid_reads_names_and_numbers():
@@ -27,3 +27,11 @@ def test_a_grid_of_your_own_is_swept_and_the_defaults_come_back(capsys):
 def test_a_grid_naming_an_unknown_constant_stops_with_its_name():
     with pytest.raises(SystemExit, match="NO_SUCH_KNOB"):
         tune_launch.main(["linear", "--quick", "--grid", "NO_SUCH_KNOB=1"])
+
+
+def test_the_norm_sweep_times_both_norms_and_restores_the_row_values(capsys):
+    default = rms_norm.ROW_VALUES
+    tune_launch.main(["norm", "--quick"])
+    printed = capsys.readouterr().out
+    assert "== rms_norm 5x64" in printed and "== add_rms_norm 5x64" in printed
+    assert "ROW_VALUES=32" in printed and rms_norm.ROW_VALUES == default
