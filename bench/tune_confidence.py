@@ -2,7 +2,7 @@
 
     python -m bench.tune_confidence            # CUDA: ~2 minutes on an H100
     python -m bench.tune_confidence --quick    # tiny shapes; runs under the Triton interpreter on CPU
-    python -m bench.tune_confidence --grid "TILE_ROWS=2,4,8 WARP_VALUES=512,1024" --default-plan-only
+    python -m bench.tune_confidence --grid "TILE_ROWS=2,4,8 WARP_VALUES=1024,2048" --default-plan-only
 
 Prints GPU time (CUDA graph over rotating input copies of >= 4x L2, as bench.kernels) and the
 share of copy bandwidth for every plan, the wrapper's default plan marked with '*', so the

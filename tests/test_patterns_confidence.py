@@ -85,15 +85,18 @@ def test_ties_in_one_lane_take_the_smallest_index(device):
     block_v = 128
     width = block_v // min(confidence.TILE_ROWS, block_v)  # the lanes of a tile row
     lane = 5
+    tied = [
+        [lane + 2 * block_v + width, lane + block_v, lane + (block_v // width - 1) * width],  # last row of tile 0
+        [lane + block_v + width, lane + block_v],  # two rows of tile 1
+        [lane + 3 * block_v, lane + block_v],  # tiles 1 and 3
+    ]
     logits = torch.zeros(3, 1000, device=device)
-    logits[0, [lane + 2 * block_v + width, lane + block_v, lane + 3 * width]] = 2.0  # first: row 3 of tile 0
-    logits[1, [lane + block_v + width, lane + block_v + 2 * width]] = 2.0  # two rows of tile 1
-    logits[2, [lane + 3 * block_v, lane + block_v]] = 2.0  # tiles 1 and 3
+    for row, columns in enumerate(tied):
+        logits[row, columns] = 2.0
     logits[2, lane] = 1.0  # the lane's max rises after tile 0
     conf, token = fused_token_confidence(logits, splits=1, block_v=block_v)
     ref_conf, ref_token = token_confidence(logits)
-    assert token.tolist() == ref_token.tolist() == [
-        lane + 3 * width, lane + block_v + width, lane + block_v]
+    assert token.tolist() == ref_token.tolist() == [min(columns) for columns in tied]
     torch.testing.assert_close(conf, ref_conf)
 
 
