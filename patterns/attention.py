@@ -151,9 +151,11 @@ def _attention_kernel(
 # Launch shape (tuned on an H100 at 32 query rows over 768 keys, 32 heads x 128; still the fastest
 # on an H200 with the merge in the kernel, bench/results/tune-launch-attention-h200.log): keys per
 # iteration, programs per SM to reach by splitting the keys (the last slice's merge is unrolled
-# over at most MAX_SPLITS), warps and pipeline stages, and the most query rows per program (fewer
-# than a block's rows gives more programs that each read the keys: at 32 rows, 16 per program was
-# no faster at batch 1 and 58% slower at batch 8; tune-attention-query-rows-h200.log).
+# over at most MAX_SPLITS; a fraction gives fewer slices, and at batch 1 one or two slices per head
+# were slower than four, tune-attention-splits-h200.log), warps and pipeline stages, and the most
+# query rows per program (fewer than a block's rows gives more programs that each read the keys: at
+# 32 rows, 16 per program was no faster at batch 1 and 58% slower at batch 8;
+# tune-attention-query-rows-h200.log).
 BLOCK_KEYS = 64
 PROGRAMS_PER_SM = 1
 MAX_SPLITS = 16
@@ -197,7 +199,7 @@ def _plan_attention(q, k, v, bias, out_stride):
     block_n = BLOCK_KEYS if D <= 128 else BLOCK_KEYS // 2
     programs = B * Hq * cdiv(T, block_t)
     # Split the keys only when (batch, head, query tile) programs are too few to fill the GPU.
-    splits = min(cdiv(PROGRAMS_PER_SM * sm_count(q.device), programs), cdiv(S, block_n), MAX_SPLITS) if S else 1
+    splits = min(math.ceil(PROGRAMS_PER_SM * sm_count(q.device) / programs), cdiv(S, block_n), MAX_SPLITS) if S else 1
     keys_per_split = cdiv(cdiv(S, max(splits, 1)), block_n) * block_n if S else block_n
     splits = max(1, cdiv(S, keys_per_split))
     return dict(
