@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     opts = dict(device=device, dtype=torch.bfloat16)
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu-interpreter (timings mean nothing)'}  "
           f"torch {torch.__version__}  triton {triton.__version__}   * = the module's default")
+    # One static compile of each reference per shape: past dynamo's default 8 recompiles the
+    # compile baseline would silently run eager.
+    torch._dynamo.config.recompile_limit = 1024
     global GRID_OVERRIDE
     GRID_OVERRIDE = args.grid
     try:

@@ -26,7 +26,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # Tried and not kept: SwiGLU in the epilogue of the gate_up projection (each program streaming its
 # gate rows and their up rows). At LLaDA-8B's gate_up, 32 rows, H200, it took 50.8 us tuned, against
 # 51.5 us for this kernel plus the SwiGLU kernel, yet made the batch-1 step 2% slower (4.772 against
-# 4.676 ms; bench/results/ab-llada-8b-b1-linear-swiglu-h200.log).
+# 4.676 ms; bench/results/ab-llada-8b-b1-linear-swiglu-h200.log). Nor loading the first weight tile
+# before waiting for the kernel launched before (PDL), the K loop's first iteration peeled: the
+# step was 6% slower (4.999 against 4.714 ms, H200; ab-llada-8b-b1-linear-preload-h200.log).
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402

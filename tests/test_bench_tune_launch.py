@@ -3,6 +3,7 @@ names a module's constants only, and the module's defaults are restored afterwar
 import argparse
 
 import pytest
+import torch
 
 from bench import tune_launch
 from difuse.patterns import linear, rms_norm
@@ -35,3 +36,11 @@ def test_the_norm_sweep_times_both_norms_and_restores_the_row_values(capsys):
     printed = capsys.readouterr().out
     assert "== rms_norm 5x64" in printed and "== add_rms_norm 5x64" in printed
     assert "ROW_VALUES=32" in printed and rms_norm.ROW_VALUES == default
+
+
+def test_the_compile_baseline_may_recompile_for_every_shape(monkeypatch):
+    """Past dynamo's default limit of 8 shapes the compiled reference would run eager unannounced
+    (tune_launch linear times 8+ shapes of one reference)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    tune_launch.main(["norm", "--quick", "--grid", "ROW_VALUES=32"])
+    assert torch._dynamo.config.recompile_limit >= 1024
