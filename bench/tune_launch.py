@@ -1,12 +1,12 @@
 """Sweep the named launch constants of the step kernels: patterns.attention (BLOCK_KEYS,
 PROGRAMS_PER_SM, NUM_WARPS, NUM_STAGES), patterns.rope (TILE_VALUES, VALUES_PER_WARP, ...,
 shared by rope, qk_norm_rope and rope_kv_write), patterns.linear (BLOCK_N, BLOCK_K, NUM_STAGES,
-SPLITS_UNTIL_PROGRAMS) and patterns.rms_norm (ROW_VALUES, shared by rms_norm and add_rms_norm),
-with torch.compile of the reference alongside.
+SPLITS_UNTIL_PROGRAMS) and patterns.rms_norm (ROW_VALUES, VALUES_PER_WARP, shared by rms_norm and
+add_rms_norm), with torch.compile of the reference alongside.
 
     python -m bench.tune_launch [attention] [rope] [linear] [norm]   # CUDA: ~3 minutes each on an H100
     python -m bench.tune_launch --quick              # tiny shapes, two settings; the CPU interpreter works
-    python -m bench.tune_launch linear --grid "PREFETCH_BYTES=0,1024 NUM_STAGES=3"   # a grid of your own
+    python -m bench.tune_launch linear --grid "BLOCK_K=64,128 NUM_STAGES=3,4"   # a grid of your own
 
 GPU time is measured as in bench.kernels (CUDA graph over rotating input copies of >= 4x L2,
 kernels launched serially); the six best settings are printed per shape, so the module defaults can
@@ -137,7 +137,8 @@ def tune_linear(quick: bool, opts: dict, rows_list: tuple = (32, 128)) -> None:
 def tune_norm(quick: bool, opts: dict) -> None:
     """RMSNorm and Add+RMSNorm over 4096 rows of LLaDA-8B's and LLaDA-MoE's hidden sizes."""
     shapes = [(5, 64)] if quick else [(4096, 4096), (4096, 2048)]
-    grid = dict(ROW_VALUES=[32, 64]) if quick else dict(ROW_VALUES=[1024, 2048, 4096, 8192, 16384])
+    grid = dict(ROW_VALUES=[32, 64]) if quick else dict(ROW_VALUES=[1024, 2048, 4096],
+                                                        VALUES_PER_WARP=[128, 256, 512, 1024, 2048])
     for rows, hidden in shapes:
         x, residual, weight = torch.randn(rows, hidden, **opts), torch.randn(rows, hidden, **opts), \
             torch.randn(hidden, **opts)

@@ -94,11 +94,6 @@ def interpreter_widens_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def row_num_warps(block_elements: int) -> int:
-    """Warps for a program holding `block_elements` values: about 8-16 values per thread."""
-    return max(1, min(16, block_elements // 512))
-
-
 def next_pow2(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 

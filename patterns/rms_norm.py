@@ -25,7 +25,6 @@ from difuse.patterns._rows import (  # noqa: E402
     check_same_device,
     early_launch_options,
     next_pow2,
-    row_num_warps,
     row_view,
     tensor_key,
     wait_for_previous_kernel,
@@ -107,8 +106,10 @@ def _check_eps(eps) -> float:
     return float(eps)
 
 
-# Values per program: rows narrower than this share a program (bench.tune_launch norm sweeps it).
+# Values per program (rows narrower than this share a program) and per warp (16 per thread);
+# bench.tune_launch norm sweeps both.
 ROW_VALUES = 2048
+VALUES_PER_WARP = 512
 
 
 def _plan_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> tuple:
@@ -145,7 +146,7 @@ def _plan_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
         r_layout=(rv.inner, rv.stride_outer, rv.stride_inner),
         weight_copy=not weight.is_contiguous(), rows=xv.rows, N=N, grid=(cdiv(xv.rows, block_m),),
         constants=dict(HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                       NUM_CHUNKS=num_chunks, num_warps=row_num_warps(block_m * block_n),
+                       NUM_CHUNKS=num_chunks, num_warps=max(1, min(16, block_m * block_n // VALUES_PER_WARP)),
                        **early_launch_options(x.device)),
     )
     return out_dtype, norm_dtype, launch
