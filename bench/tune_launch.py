@@ -1,10 +1,11 @@
 """Sweep the named launch constants of the step kernels: patterns.attention (BLOCK_KEYS,
 PROGRAMS_PER_SM, NUM_WARPS, NUM_STAGES), patterns.rope (TILE_VALUES, VALUES_PER_WARP, ...,
 shared by rope, qk_norm_rope and rope_kv_write), patterns.linear (BLOCK_N, BLOCK_K, NUM_STAGES,
-SPLITS_UNTIL_PROGRAMS) and patterns.rms_norm (ROW_VALUES, VALUES_PER_WARP, shared by rms_norm and
-add_rms_norm), with torch.compile of the reference alongside.
+SPLITS_UNTIL_PROGRAMS), patterns.rms_norm (ROW_VALUES, VALUES_PER_WARP, shared by rms_norm and
+add_rms_norm) and patterns.swiglu (MAX_BLOCK, VALUES_PER_WARP), with torch.compile of the reference
+alongside.
 
-    python -m bench.tune_launch [attention] [rope] [linear] [norm]   # CUDA: ~3 minutes each on an H100
+    python -m bench.tune_launch [attention] [rope] [linear] [norm] [swiglu]   # CUDA: ~3 minutes each on an H100
     python -m bench.tune_launch --quick              # tiny shapes, two settings; the CPU interpreter works
     python -m bench.tune_launch linear --grid "BLOCK_K=64,128 NUM_STAGES=3,4"   # a grid of your own
 
@@ -24,7 +25,7 @@ import triton
 
 from bench.kernels import _cache_write_case, _time_cpu, graph_us, rotated_inputs
 from difuse.fusion.launch import serial_launches
-from difuse.patterns import _rows, add_rms_norm, attention, kv_write, linear, rms_norm, rope
+from difuse.patterns import _rows, add_rms_norm, attention, kv_write, linear, rms_norm, rope, swiglu
 
 
 def _graph_us(fn, sets) -> float:
@@ -148,9 +149,24 @@ def tune_norm(quick: bool, opts: dict) -> None:
               (x, residual, weight, 1e-6), rms_norm, grid, add_rms_norm.add_rms_norm_bytes(x, residual, weight))
 
 
+def tune_swiglu(quick: bool, opts: dict) -> None:
+    """SwiGLU from two tensors and from one packed gate_up at LLaDA-8B's FFN width, at a batch-1
+    step's 32 rows and at 4096."""
+    shapes = [(5, 96)] if quick else [(32, 12288), (4096, 12288)]
+    grid = dict(VALUES_PER_WARP=[32, 64]) if quick else dict(MAX_BLOCK=[1024, 2048, 4096],
+                                                             VALUES_PER_WARP=[128, 256, 512])
+    for rows, width in shapes:
+        gate, up, gate_up = (torch.randn(rows, w, **opts) for w in (width, width, 2 * width))
+        sweep(f"swiglu {rows}x{width}", swiglu.fused_swiglu, swiglu.swiglu, (gate, up), swiglu, grid,
+              swiglu.swiglu_bytes(gate, up))
+        sweep(f"swiglu_packed {rows}x{2 * width}", swiglu.fused_swiglu_packed, swiglu.swiglu_fused, (gate_up,),
+              swiglu, grid, swiglu.swiglu_packed_bytes(gate_up))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tuners = {"attention": tune_attention, "rope": tune_rope, "linear": tune_linear, "norm": tune_norm}
+    tuners = {"attention": tune_attention, "rope": tune_rope, "linear": tune_linear, "norm": tune_norm,
+              "swiglu": tune_swiglu}
     parser.add_argument("kernels", nargs="*", help=f"any of {', '.join(tuners)} (default: all)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--linear-rows", default="32,128", help="comma-separated token rows of the linear sweep")

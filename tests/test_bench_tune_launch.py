@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench import tune_launch
-from difuse.patterns import linear, rms_norm
+from difuse.patterns import linear, rms_norm, swiglu
 
 
 def test_parse_grid_reads_names_and_numbers():
@@ -44,3 +44,11 @@ def test_the_compile_baseline_may_recompile_for_every_shape(monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     tune_launch.main(["norm", "--quick", "--grid", "ROW_VALUES=32"])
     assert torch._dynamo.config.recompile_limit >= 1024
+
+
+def test_the_swiglu_sweep_times_both_forms_and_restores_the_defaults(capsys):
+    default = swiglu.VALUES_PER_WARP
+    tune_launch.main(["swiglu", "--quick"])
+    printed = capsys.readouterr().out
+    assert "== swiglu 5x96" in printed and "== swiglu_packed 5x192" in printed
+    assert "VALUES_PER_WARP=32" in printed and swiglu.VALUES_PER_WARP == default
