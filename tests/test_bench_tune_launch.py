@@ -30,12 +30,16 @@ def test_a_grid_naming_an_unknown_constant_stops_with_its_name():
         tune_launch.main(["linear", "--quick", "--grid", "NO_SUCH_KNOB=1"])
 
 
-def test_the_norm_sweep_times_both_norms_and_restores_the_row_values(capsys):
-    default = rms_norm.ROW_VALUES
-    tune_launch.main(["norm", "--quick"])
+@pytest.mark.parametrize("kernel, module, constant, titles", [
+    ("norm", rms_norm, "ROW_VALUES", ("== rms_norm 5x64", "== add_rms_norm 5x64")),
+    ("swiglu", swiglu, "VALUES_PER_WARP", ("== swiglu 5x96", "== swiglu_packed 5x192")),
+])
+def test_a_sweep_times_every_form_and_restores_the_defaults(capsys, kernel, module, constant, titles):
+    default = getattr(module, constant)
+    tune_launch.main([kernel, "--quick"])
     printed = capsys.readouterr().out
-    assert "== rms_norm 5x64" in printed and "== add_rms_norm 5x64" in printed
-    assert "ROW_VALUES=32" in printed and rms_norm.ROW_VALUES == default
+    assert all(title in printed for title in titles)
+    assert f"{constant}=32" in printed and getattr(module, constant) == default
 
 
 def test_the_compile_baseline_may_recompile_for_every_shape(monkeypatch):
@@ -44,11 +48,3 @@ def test_the_compile_baseline_may_recompile_for_every_shape(monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     tune_launch.main(["norm", "--quick", "--grid", "ROW_VALUES=32"])
     assert torch._dynamo.config.recompile_limit >= 1024
-
-
-def test_the_swiglu_sweep_times_both_forms_and_restores_the_defaults(capsys):
-    default = swiglu.VALUES_PER_WARP
-    tune_launch.main(["swiglu", "--quick"])
-    printed = capsys.readouterr().out
-    assert "== swiglu 5x96" in printed and "== swiglu_packed 5x192" in printed
-    assert "VALUES_PER_WARP=32" in printed and swiglu.VALUES_PER_WARP == default
