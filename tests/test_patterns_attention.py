@@ -9,8 +9,9 @@ from difuse.fusion.record import record
 from difuse.patterns import _rows, attention
 from difuse.patterns.attention import AttentionPattern, attention_bytes, attention_reference, fused_attention
 
-# (B, Hq, Hkv, T, S, D): odd lengths, grouped heads, head dims that are not powers of two
-SHAPES = [(1, 4, 4, 5, 37, 16), (2, 4, 2, 3, 130, 24), (1, 2, 1, 33, 150, 64)]
+# (B, Hq, Hkv, T, S, D): odd lengths, grouped heads, head dims that are not powers of two, and
+# full query and key tiles (the kernel's unmasked loads)
+SHAPES = [(1, 4, 4, 5, 37, 16), (2, 4, 2, 3, 130, 24), (1, 2, 1, 33, 150, 64), (1, 4, 2, 32, 128, 32)]
 
 
 def step_inputs(shape, dtype, device, bias_kind):
