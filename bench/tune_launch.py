@@ -1,9 +1,9 @@
 """Sweep the named launch constants of the step kernels: patterns.attention (BLOCK_KEYS,
 PROGRAMS_PER_SM, NUM_WARPS, NUM_STAGES), patterns.rope (TILE_VALUES, VALUES_PER_WARP, ...,
-shared by rope, qk_norm_rope and rope_kv_write), patterns.linear (BLOCK_N, BLOCK_K, NUM_STAGES,
-SPLITS_UNTIL_PROGRAMS), patterns.rms_norm (ROW_VALUES, VALUES_PER_WARP, shared by rms_norm and
-add_rms_norm) and patterns.swiglu (MAX_BLOCK, VALUES_PER_WARP), with torch.compile of the reference
-alongside.
+shared by rope, rope_kv_write and their QK-norm forms; NORM_TILE_VALUES is qk_norm_rope's tile),
+patterns.linear (BLOCK_N, BLOCK_K, NUM_STAGES, SPLITS_UNTIL_PROGRAMS), patterns.rms_norm
+(ROW_VALUES, VALUES_PER_WARP, shared by rms_norm and add_rms_norm) and patterns.swiglu (MAX_BLOCK,
+VALUES_PER_WARP), with torch.compile of the reference alongside.
 
     python -m bench.tune_launch [attention] [rope] [linear] [norm] [swiglu]   # CUDA: ~3 minutes each on an H100
     python -m bench.tune_launch --quick              # tiny shapes, two settings; the CPU interpreter works
@@ -25,7 +25,7 @@ import triton
 
 from bench.kernels import _cache_write_case, _time_cpu, graph_us, rotated_inputs
 from difuse.fusion.launch import serial_launches
-from difuse.patterns import _rows, add_rms_norm, attention, kv_write, linear, rms_norm, rope, swiglu
+from difuse.patterns import _rows, add_rms_norm, attention, kv_write, linear, qk_norm, rms_norm, rope, swiglu
 
 
 def _graph_us(fn, sets) -> float:
@@ -105,18 +105,26 @@ def tune_rope(quick: bool, opts: dict, rows_list: tuple = (32, 4096)) -> None:
     for rows in (5,) if quick else rows_list:
         x = torch.randn(1, rows, heads, head_dim, **opts)
         cache_write = _cache_write_case(rows, heads, head_dim, rows + 512, opts)  # as bench.kernels times it
-        cos, sin = cache_write.args[1:3]
+        k, cos, sin, where, keys, values, v = cache_write.args
+        weight = torch.randn(head_dim, **opts)
         if quick:
             grid = dict(TILE_VALUES=[1024, 4096])
         elif rows > 1024:
             grid = dict(TILE_VALUES=[2048, 4096, 8192, 16384], VALUES_PER_WARP=[512, 1024], PROGRAMS_PER_SM=[4, 8])
         else:
             grid = dict(MIN_PROGRAMS_PER_SM=[1, 2, 4, 8], VALUES_PER_WARP=[256, 512, 1024])
+        # qk_norm_rope (no cache write) takes its tile from NORM_TILE_VALUES.
+        norm_grid = {("NORM_TILE_VALUES" if name == "TILE_VALUES" else name): values for name, values in grid.items()}
         label = f"{rows}x{heads}x{head_dim}"
         sweep(f"rope {label}", rope.fused_apply_rope, rope.apply_rope, (x, cos, sin), rope, grid,
               rope.rope_bytes(x, cos, sin))
         sweep(f"rope_kv_write {label}", kv_write.fused_rope_kv_write, kv_write.rope_kv_write,
               cache_write.args, rope, grid, cache_write.bytes_moved)
+        sweep(f"qk_norm_rope {label}", qk_norm.fused_qk_norm_rope, qk_norm.qk_norm_rope, (x, weight, 1e-6, cos, sin),
+              rope, norm_grid, qk_norm.qk_norm_rope_bytes(x, weight, 1e-6, cos, sin))
+        sweep(f"qk_norm_rope_kv_write {label}", kv_write.fused_qk_norm_rope_kv_write, kv_write.qk_norm_rope_kv_write,
+              (k, weight, cos, sin, where, keys, values, v, 1e-6), rope, grid,
+              kv_write.kv_write_bytes(k, cos, where, keys, v, weight))
 
 
 def tune_linear(quick: bool, opts: dict, rows_list: tuple = (32, 128)) -> None:

@@ -129,9 +129,13 @@ def _norm_rope_kernel(
 
 
 # Launch shape (tuned on an H100 and an H200 over rows 32..4096 of 32 heads x 128): values per
-# program (a passenger's values included), values per warp, programs per SM kept when growing
-# tiles, and the fewest programs per SM for small grids.
+# program (a passenger's values included; qk_norm_rope's, without a passenger, NORM_TILE_VALUES: on
+# an H200 it took 19.97 against 20.70 us at 4096 rows and 5.76 against 6.75 us at 1024 with 2048
+# values, where rope alone is fastest with 4096, and the cache write with the norm showed no
+# consistent winner; bench/results/tune-launch-rope-norm-h200.log), values per warp, programs per
+# SM kept when growing tiles, and the fewest programs per SM for small grids.
 TILE_VALUES = 4096
+NORM_TILE_VALUES = 2048
 VALUES_PER_WARP = 1024
 PROGRAMS_PER_SM = 8
 MIN_PROGRAMS_PER_SM = 2
@@ -205,17 +209,18 @@ def _plan_norm_rope(x, weight, cos, sin, out=None, rows=None, v=None, v_out=None
     # A passenger doubles the values a head row moves; counting it keeps rope_kv_write's programs
     # at TILE_VALUES (H200 sweep: 16 heads of k and v per program 35.5 us, 32 heads 36.4 us).
     streams = 2 if v is not None else 1
-    block_h = min(next_pow2(H), max(1, TILE_VALUES // (streams * next_pow2(D))))
+    tile_values = NORM_TILE_VALUES if weight is not None and v is None else TILE_VALUES
+    block_h = min(next_pow2(H), max(1, tile_values // (streams * next_pow2(D))))
     # A step's few positions: split the heads until the grid fills the GPU.
     while block_h > 1 and B * T * cdiv(H, block_h) < MIN_PROGRAMS_PER_SM * sm_count(x.device):
         block_h //= 2
     head_tiles = cdiv(H, block_h)
     row_elements = block_h * (2 * block_half + (block_pass if R < D else 0)) * (2 if v is not None else 1)
-    # Many positions: ~TILE_VALUES values per program in one tile while >= PROGRAMS_PER_SM programs
+    # Many positions: ~tile_values values per program in one tile while >= PROGRAMS_PER_SM programs
     # per SM remain, VALUES_PER_WARP values per warp: at 4096x32x128 bf16 a program of 4 warps takes
     # ~70 registers (ptxas), so 7 programs (56 KB of loads in flight) fit on an SM.
     block_pos = 1
-    while block_pos * row_elements < TILE_VALUES \
+    while block_pos * row_elements < tile_values \
             and cdiv(B * T, 2 * block_pos) * head_tiles >= PROGRAMS_PER_SM * sm_count(x.device):
         block_pos *= 2
     launch = dict(

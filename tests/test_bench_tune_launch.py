@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench import tune_launch
-from difuse.patterns import linear, rms_norm, swiglu
+from difuse.patterns import linear, rms_norm, rope, swiglu
 
 
 def test_parse_grid_reads_names_and_numbers():
@@ -30,16 +30,19 @@ def test_a_grid_naming_an_unknown_constant_stops_with_its_name():
         tune_launch.main(["linear", "--quick", "--grid", "NO_SUCH_KNOB=1"])
 
 
-@pytest.mark.parametrize("kernel, module, constant, titles", [
-    ("norm", rms_norm, "ROW_VALUES", ("== rms_norm 5x64", "== add_rms_norm 5x64")),
-    ("swiglu", swiglu, "VALUES_PER_WARP", ("== swiglu 5x96", "== swiglu_packed 5x192")),
+@pytest.mark.parametrize("kernel, module, setting, titles", [
+    ("norm", rms_norm, "ROW_VALUES=32", ("== rms_norm 5x64", "== add_rms_norm 5x64")),
+    ("swiglu", swiglu, "VALUES_PER_WARP=32", ("== swiglu 5x96", "== swiglu_packed 5x192")),
+    ("rope", rope, "NORM_TILE_VALUES=1024", ("== rope 5x4x32", "== rope_kv_write 5x4x32", "== qk_norm_rope 5x4x32",
+                                            "== qk_norm_rope_kv_write 5x4x32")),
 ])
-def test_a_sweep_times_every_form_and_restores_the_defaults(capsys, kernel, module, constant, titles):
+def test_a_sweep_times_every_form_and_restores_the_defaults(capsys, kernel, module, setting, titles):
+    constant = setting.partition("=")[0]
     default = getattr(module, constant)
     tune_launch.main([kernel, "--quick"])
     printed = capsys.readouterr().out
     assert all(title in printed for title in titles)
-    assert f"{constant}=32" in printed and getattr(module, constant) == default
+    assert setting in printed and getattr(module, constant) == default
 
 
 def test_the_compile_baseline_may_recompile_for_every_shape(monkeypatch):
