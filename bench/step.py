@@ -27,7 +27,10 @@ compile, graph, fused_graph, the largest batch first, then the others from the s
 
 Every number is relative to ceilings measured in the same run (bench/ceilings.py): the weight
 floor is the bytes of weights one step must read over the copy bandwidth; for MoE only the
-experts the step's tokens were routed to count (the union over the batch, per layer).
+experts the step's tokens were routed to count (the union over the batch, per layer). For a dense
+model the step's nn.Linear matmuls are also timed alone through cuBLAS at the step's shapes
+(xGEMM: the step over that time), which bounds what fusing the rest can gain once the step is
+compute-bound.
 Writes step-<model>-<device>.{csv,json,png} and the fusion report tables to --out.
 """
 from __future__ import annotations
@@ -47,8 +50,9 @@ import difuse.fusion  # noqa: F401 - before anything imports Triton: CPU-only ho
 from torch._dynamo.utils import counters  # noqa: E402 - imports Triton
 
 from bench.ceilings import measure_ceilings, summary, synchronize, time_calls
-from bench.step_model import (SPECS, TINY_OF, RoutedExperts, StepGeometry, build_random_model, kv_cache_bytes,
-                              model_dims, step_accounting)
+from bench.kernels import graph_us, rotated_inputs
+from bench.step_model import (SPECS, TINY_OF, LinearCalls, RoutedExperts, StepGeometry, build_random_model,
+                              kv_cache_bytes, model_dims, step_accounting)
 from bench.step_output import (CONFIGS, LABELS, RUN_ORDER, fusion_summary, fusion_table, print_summary,
                                write_outputs)
 from difuse.models.moe import Experts
@@ -318,7 +322,8 @@ def throughput(median_ms: float, state: StepState, settings, accounting: dict, c
             "x_weight_floor": median_ms / weight_floor_ms,
             "x_memory_floor": median_ms / memory_floor_ms,
             "achieved_tflops": accounting["flops"] / seconds / 1e12,
-            "matmul_fraction": accounting["flops"] / seconds / rate}
+            "matmul_fraction": accounting["flops"] / seconds / rate,
+            "x_cublas_gemm": median_ms / accounting["cublas_gemm_ms"] if accounting["cublas_gemm_ms"] else None}
 
 
 def _first_line(error: BaseException) -> str:
@@ -336,14 +341,25 @@ def release_memory(device: torch.device) -> None:
             log(f"releasing memory failed: {_first_line(error)}")
 
 
-def routed_union(model, state: StepState) -> list[int] | None:
-    """Distinct experts per MoE layer over one eager step of this batch (None for a dense model)."""
-    with RoutedExperts(model) as routed:
-        if not routed.experts:
-            return None
+def eager_census(model, state: StepState) -> tuple[list[int] | None, dict]:
+    """One eager step of this batch, outside timing: the distinct experts per MoE layer (None for a
+    dense model) and the step's nn.Linear calls by shape."""
+    with RoutedExperts(model) as routed, LinearCalls(model) as linears:
         state.step_function()(*state.args)
         state.reset_block()
-    return list(routed.union)
+    return (list(routed.union) if routed.experts else None), dict(linears.calls)
+
+
+def cublas_gemm_ms(calls: dict, device: torch.device) -> float:
+    """GPU ms of a dense step's nn.Linear matmuls run alone through cuBLAS (torch.mm replayed from a
+    CUDA graph over inputs rotated past L2): the step's matmul work with nothing around it."""
+    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+    total_us = 0.0
+    for (rows, in_features, out_features, dtype), count in calls.items():
+        x = torch.randn(rows, in_features, device=device, dtype=dtype)
+        weight = torch.randn(out_features, in_features, device=device, dtype=dtype)
+        total_us += count * graph_us(lambda x, w: torch.mm(x, w.t()), rotated_inputs((x, weight), 4 * l2_bytes))
+    return total_us / 1e3
 
 
 def run_batch(model, spec, batch: int, settings, ceilings: dict, budget: "Budget"):
@@ -359,7 +375,11 @@ def run_batch(model, spec, batch: int, settings, ceilings: dict, budget: "Budget
     state, failure = None, None
     try:
         state = StepState(model, batch, settings.prompt, settings.gen, settings.block, spec.block_causal, device, dtype)
-        accounting = step_accounting(model, state.geometry, routed_union(model, state))
+        union, linear_calls = eager_census(model, state)
+        accounting = step_accounting(model, state.geometry, union)
+        # MoE experts are not nn.Linear: only a dense step's matmuls are all timed.
+        accounting["cublas_gemm_ms"] = cublas_gemm_ms(linear_calls, device) \
+            if device.type == "cuda" and union is None else None
     except torch.cuda.OutOfMemoryError as error:
         failure = ("oom", f"out of memory building the batch (cache fill): {_first_line(error)}")
     except Exception as error:  # noqa: BLE001 - the other batch sizes still run
@@ -542,7 +562,7 @@ def run(settings) -> int:
                 row.update(model=spec.name, device=env["device"], tokens_per_step=settings.tokens_per_step)
                 if accounting:
                     row.update({k: accounting[k] for k in ("weight_bytes", "kv_bytes", "flops",
-                                                           "routed_experts_per_layer")},
+                                                           "routed_experts_per_layer", "cublas_gemm_ms")},
                                weight_floor_ms=accounting["weight_bytes"] / ceilings["copy_bandwidth_Bps"] * 1e3,
                                memory_floor_ms=(accounting["weight_bytes"] + accounting["kv_bytes"])
                                / ceilings["copy_bandwidth_Bps"] * 1e3)

@@ -136,6 +136,32 @@ class RoutedExperts:
         self._handles = []
 
 
+class LinearCalls:
+    """Forward hooks on every nn.Linear that count its calls by (rows, in_features, out_features,
+    dtype): the step's dense matmuls, to be timed alone. Use it on one eager step outside timing."""
+
+    def __init__(self, model):
+        self.linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        self.calls: dict[tuple, int] = {}
+        self._handles = []
+
+    def __enter__(self):
+        self.calls.clear()
+
+        def count(module, inputs):
+            x = inputs[0]
+            shape = (x.numel() // module.in_features, module.in_features, module.out_features, module.weight.dtype)
+            self.calls[shape] = self.calls.get(shape, 0) + 1
+
+        self._handles = [m.register_forward_pre_hook(count) for m in self.linears]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 def step_accounting(model, geometry: StepGeometry, routed_union: list[int] | None) -> dict:
     """Bytes and FLOPs of one step at `geometry`.
 

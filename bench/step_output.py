@@ -42,7 +42,7 @@ def fusion_table(summary_rows: list[dict]) -> str:
 CSV_FIELDS = ["model", "device", "batch", "config", "label", "status", "median_ms", "p10_ms", "p90_ms", "samples",
               "steps_per_s", "tokens_per_step", "tokens_per_s", "block_tokens_per_s", "weight_bytes", "kv_bytes",
               "weight_floor_ms", "memory_floor_ms", "x_weight_floor", "x_memory_floor", "flops", "achieved_tflops",
-              "matmul_fraction", "routed_experts_per_layer", "graph", "compile_s", "peak_memory_gb", "wall_s",
+              "matmul_fraction", "cublas_gemm_ms", "x_cublas_gemm", "routed_experts_per_layer", "graph", "compile_s", "peak_memory_gb", "wall_s",
               "notes", "error"]
 
 
@@ -105,7 +105,7 @@ def plot(path: Path, meta: dict, rows: list[dict]) -> bool:
 
 def table(rows: list[dict], tokens_per_step: float) -> str:
     head = (f"{'B':>3} {'configuration':<12} {'ms/step':>9} {'steps/s':>8} {'tok/s@' + format(tokens_per_step, 'g'):>9} "
-            f"{'blk tok/s':>10} {'xWfloor':>7} {'xWKVfl':>7} {'MMfrac':>6}  graph / status")
+            f"{'blk tok/s':>10} {'xWfloor':>7} {'xWKVfl':>7} {'MMfrac':>6} {'xGEMM':>6}  graph / status")
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r["batch"], CONFIGS.index(r["config"]))):
         if r["status"] != "ok":
@@ -113,9 +113,10 @@ def table(rows: list[dict], tokens_per_step: float) -> str:
             continue
         graph = r["graph"] if len(r["graph"]) < 40 else r["graph"][:37] + "..."
         compile_s = f", compiled in {r['compile_s']:.0f} s" if r.get("compile_s") else ""
+        x_gemm = f"{r['x_cublas_gemm']:6.2f}" if r.get("x_cublas_gemm") is not None else f"{'-':>6}"
         lines.append(f"{r['batch']:>3} {r['config']:<12} {r['median_ms']:9.3f} {r['steps_per_s']:8.1f} "
                      f"{r['tokens_per_s']:9.0f} {r['block_tokens_per_s']:10.0f} {r['x_weight_floor']:7.2f} "
-                     f"{r['x_memory_floor']:7.2f} {r['matmul_fraction']:6.1%}  {graph}{compile_s}")
+                     f"{r['x_memory_floor']:7.2f} {r['matmul_fraction']:6.1%} {x_gemm}  {graph}{compile_s}")
     return "\n".join(lines)
 
 
@@ -132,10 +133,13 @@ def print_summary(meta, rows, accountings, ceilings, paths) -> None:
         routed = (f", routed experts/layer {a['routed_experts_per_layer']:.1f} of {a['experts_per_layer']}"
                   if a["routed_experts_per_layer"] is not None else "")
         bandwidth = ceilings["copy_bandwidth_Bps"]
+        gemm = f"; cuBLAS GEMMs alone {a['cublas_gemm_ms']:.3f} ms" if a.get("cublas_gemm_ms") is not None else ""
         print(f"  B={batch:<3} weights read {a['weight_bytes'] / 1e9:.2f} GB -> floor "
               f"{a['weight_bytes'] / bandwidth * 1e3:.3f} ms; + KV {a['kv_bytes'] / 1e9:.2f} GB -> "
-              f"{(a['weight_bytes'] + a['kv_bytes']) / bandwidth * 1e3:.3f} ms; {a['flops'] / 1e12:.2f} TFLOP{routed}")
+              f"{(a['weight_bytes'] + a['kv_bytes']) / bandwidth * 1e3:.3f} ms; {a['flops'] / 1e12:.2f} TFLOP"
+              f"{routed}{gemm}")
     print("xWfloor = ms/step over the weight-streaming floor; xWKVfl = over the weights + KV-cache floor; "
-          "MMfrac = model FLOP/s over the measured matmul rate")
+          "MMfrac = model FLOP/s over the measured matmul rate; xGEMM = over the step's nn.Linear matmuls "
+          "alone (cuBLAS)")
     print(table(rows, meta["tokens_per_step"]))
     sys.stdout.flush()

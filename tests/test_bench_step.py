@@ -134,3 +134,26 @@ def test_accounting_matches_a_count_from_the_parameter_shapes(family):
                       + 4 * 3 * layers * heads * 8 * 40 * head_dim)
     assert a["flops"] == expected_flops
     assert a["kv_bytes"] == 3 * (40 + 8) * 2 * layers * kv_heads * head_dim * 4
+
+
+def test_the_eager_census_counts_every_linear_call_by_shape():
+    model = build_random_model(TINY_OF["tiny"], torch.device("cpu"), torch.float32)
+    state = step.StepState(model, 2, 8, 8, 4, False, torch.device("cpu"), torch.float32)
+    union, calls = step.eager_census(model, state)
+    assert union is None
+    layer = model.layers[0]
+    rows, layers = 2 * state.geometry.query, len(model.layers)
+    expected = {}  # two projections may share a shape (the tiny model's QKV and gate_up do)
+    for linear, count in [(layer.attn.qkv, layers), (layer.attn.out, layers), (layer.ffn.gate_up, layers),
+                          (layer.ffn.down, layers), (model.lm_head, 1)]:
+        key = (rows, linear.in_features, linear.out_features, torch.float32)
+        expected[key] = expected.get(key, 0) + count
+    assert calls == expected
+
+
+@pytest.mark.cuda
+def test_cublas_gemm_time_adds_up_the_calls():
+    calls = {(32, 256, 512, torch.bfloat16): 3, (32, 512, 256, torch.bfloat16): 1}
+    one = step.cublas_gemm_ms({(32, 256, 512, torch.bfloat16): 1}, torch.device("cuda"))
+    total = step.cublas_gemm_ms(calls, torch.device("cuda"))
+    assert 0 < one < total
