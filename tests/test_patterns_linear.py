@@ -121,12 +121,21 @@ def test_linear_pattern_leaves_what_cublas_does_better(monkeypatch):
 
 def test_profile_ratio_keeps_a_replacement_that_is_merely_faster(tmp_path):
     """fusion_ratio 0.8 asks a fusion to be 20% faster; a pattern's profile_ratio 0.98 raises the
-    bar it must pass to 0.98 x the fallback."""
+    bar it must pass to 0.98 x the fallback, and a ratio above 1 keeps one up to that much slower."""
     fallback, fused = (lambda _: time.sleep(0.010)), (lambda _: time.sleep(0.009))  # fused 0.9 x fallback
     decide = FusionHeuristics(FusionConfig(cache_dir=tmp_path, profile=True)).profile_and_decide
     assert not decide("fusion", fused, fallback, lambda distinct=False: []).fuse
     kept = decide("replacement", fused, fallback, lambda distinct=False: [], min_ratio=0.98)
     assert kept.fuse and "0.98 x" in kept.reason
+    slower = lambda _: time.sleep(0.011)  # noqa: E731 - 1.1 x the fallback, under a ratio of 1.2
+    assert decide("early-launched", slower, fallback, lambda distinct=False: [], min_ratio=1.2).fuse
+
+
+def test_linear_profile_ratio_is_read_when_deciding(monkeypatch):
+    pattern = LinearPattern()
+    assert pattern.profile_ratio == linear_module.PROFILE_RATIO
+    monkeypatch.setattr(linear_module, "PROFILE_RATIO", 0.9)
+    assert pattern.profile_ratio == 0.9
 
 
 def test_linear_pattern_only_on_gpus_it_was_measured_on(monkeypatch):
