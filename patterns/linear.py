@@ -30,9 +30,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # before waiting for the kernel launched before (PDL), the K loop's first iteration peeled: the
 # step was 6% slower (4.999 against 4.714 ms, H200; ab-llada-8b-b1-linear-preload-h200.log). Nor
 # 32- or 16-row weight tiles, for fewer or no splits of K at the attention-output and FFN-down
-# projections: alone 3-55% slower except 32 rows 4 stages deep at the first (12.63 against
-# 13.13 us), and the step 2.6% slower (4.789 and 4.792 against 4.665 ms;
-# linear-narrow-tiles-h200.log).
+# projections: alone they took 12.63-16.91 against 13.13 us and 30.17-45.22 against 29.07 us, and
+# the step was 2.6% slower (4.789 and 4.792 against 4.665 ms; linear-narrow-tiles-h200.log).
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
