@@ -42,8 +42,8 @@ def fusion_table(summary_rows: list[dict]) -> str:
 CSV_FIELDS = ["model", "device", "batch", "config", "label", "status", "median_ms", "p10_ms", "p90_ms", "samples",
               "steps_per_s", "tokens_per_step", "tokens_per_s", "block_tokens_per_s", "weight_bytes", "kv_bytes",
               "weight_floor_ms", "memory_floor_ms", "x_weight_floor", "x_memory_floor", "flops", "achieved_tflops",
-              "matmul_fraction", "cublas_gemm_ms", "x_cublas_gemm", "routed_experts_per_layer", "graph", "compile_s", "peak_memory_gb", "wall_s",
-              "notes", "error"]
+              "matmul_fraction", "cublas_gemm_ms", "x_cublas_gemm", "routed_experts_per_layer", "graph", "compile_s",
+              "peak_memory_gb", "wall_s", "notes", "error"]
 
 
 def write_outputs(out: Path, stem: str, meta: dict, rows: list[dict], reports: dict) -> list[Path]:
