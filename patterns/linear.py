@@ -31,7 +31,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # step was 6% slower (4.999 against 4.714 ms, H200; ab-llada-8b-b1-linear-preload-h200.log). Nor
 # 32- or 16-row weight tiles, for fewer or no splits of K at the attention-output and FFN-down
 # projections: alone they took 12.63-16.91 against 13.13 us and 30.17-45.22 against 29.07 us, and
-# the step was 2.6% slower (4.789 and 4.792 against 4.665 ms; linear-narrow-tiles-h200.log).
+# the step was 2.6% slower (4.789 and 4.792 against 4.665 ms; linear-narrow-tiles-h200.log). Nor
+# Add+RMSNorm as a prologue on the x tiles (the residual added, squares summed, norm weight applied
+# before the dot, 1/rms on the output rows): math on x between its load and the dot took QKV from
+# 27.3 to 41.1 us, and with the residual add and its store to 54.2 us (norm-linear-prologue-h200.log).
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
