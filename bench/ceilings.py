@@ -1,17 +1,20 @@
 """Timing and the two device ceilings every step number is compared with, measured in the same
 run: device-to-device copy bandwidth (bytes read + bytes written per second) and the dense matmul
-rate at the model dtype.
+rate at the model dtype, with the SM clock while the matmuls ran (bench.gpu_clocks).
 
 `time_calls` times each call separately (CUDA events on the GPU, the host clock on the CPU) after
 warm-up, running `before` ahead of every call outside the timed region.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
+
+from bench.gpu_clocks import ClockSampler, nvidia_smi_gpu
 
 
 def synchronize(device: torch.device) -> None:
@@ -20,13 +23,21 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_calls(call: Callable[[], object], device: torch.device, warmup: int, iters: int,
-               before: Callable[[], object] | None = None) -> list[float]:
-    """Milliseconds of each of `iters` calls after `warmup` untimed ones."""
+               before: Callable[[], object] | None = None,
+               sampler: ContextManager | None = None) -> list[float]:
+    """Milliseconds of each of `iters` calls after `warmup` untimed ones; `sampler` (a context
+    manager, e.g. a ClockSampler) is open while the timed calls run, not during warm-up."""
     for _ in range(warmup):
         if before is not None:
             before()
         call()
     synchronize(device)
+    with sampler or contextlib.nullcontext():
+        return _timed(call, device, iters, before)
+
+
+def _timed(call: Callable[[], object], device: torch.device, iters: int,
+           before: Callable[[], object] | None) -> list[float]:
     if device.type == "cuda":
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
@@ -62,20 +73,24 @@ def copy_bandwidth(device: torch.device, nbytes: int, iters: int) -> float:
     return 2 * source.numel() * source.element_size() / (median_ms / 1e3)
 
 
-def matmul_rate(device: torch.device, size: int, dtype: torch.dtype, iters: int) -> float:
+def matmul_rate(device: torch.device, size: int, dtype: torch.dtype, iters: int,
+                sampler: ContextManager | None = None) -> float:
     """FLOP/s of a size^3 matmul on random inputs (2 * size^3 FLOPs per product)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     out = torch.empty(size, size, device=device, dtype=dtype)
-    median_ms = statistics.median(time_calls(lambda: torch.matmul(a, b, out=out), device, warmup=3, iters=iters))
+    median_ms = statistics.median(time_calls(lambda: torch.matmul(a, b, out=out), device, warmup=3, iters=iters,
+                                             sampler=sampler))
     return 2 * size**3 / (median_ms / 1e3)
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype, quick: bool) -> dict:
     copy_bytes, matmul_size, iters = (1 << 24, 256, 5) if quick else (1 << 31, 8192, 20)
     ceilings = {"copy_bytes": copy_bytes, "matmul_size": matmul_size, "matmul_dtype": str(dtype).removeprefix("torch."),
-                "copy_bandwidth_Bps": copy_bandwidth(device, copy_bytes, iters),
-                "matmul_flops": matmul_rate(device, matmul_size, dtype, iters)}
+                "copy_bandwidth_Bps": copy_bandwidth(device, copy_bytes, iters)}
+    clocks = ClockSampler(nvidia_smi_gpu(device), interval_ms=10)
+    ceilings["matmul_flops"] = matmul_rate(device, matmul_size, dtype, iters, sampler=clocks)
+    ceilings.update({f"matmul_{name}": value for name, value in clocks.summary().items()})
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the copy and matmul buffers are gone: give the model their memory
     return ceilings

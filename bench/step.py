@@ -50,11 +50,12 @@ import difuse.fusion  # noqa: F401 - before anything imports Triton: CPU-only ho
 from torch._dynamo.utils import counters  # noqa: E402 - imports Triton
 
 from bench.ceilings import measure_ceilings, summary, synchronize, time_calls
+from bench.gpu_clocks import ClockSampler, nvidia_smi_gpu
 from bench.kernels import graph_us, rotated_inputs
 from bench.step_model import (SPECS, TINY_OF, LinearCalls, RoutedExperts, StepGeometry, build_random_model,
                               kv_cache_bytes, model_dims, step_accounting)
-from bench.step_output import (CONFIGS, LABELS, RUN_ORDER, fusion_summary, fusion_table, print_summary,
-                               write_outputs)
+from bench.step_output import (CONFIGS, LABELS, RUN_ORDER, clock, fusion_summary, fusion_table,
+                               print_summary, write_outputs)
 from difuse.models.moe import Experts
 from difuse.runtime.capture import StepRunner
 from difuse.runtime.config import GenerationConfig
@@ -283,9 +284,11 @@ def run_configuration(name: str, state: StepState, settings, accounting: dict, c
     begin = time.perf_counter()
     try:
         call = config.build()
+        clocks = ClockSampler(nvidia_smi_gpu(device))
         times = time_calls(call, device, warmup=config.warmup_calls(settings.warmup), iters=settings.iters,
-                           before=state.reset_block)
+                           before=state.reset_block, sampler=clocks)
         row.update(summary(times))
+        row.update(clocks.summary())
         row.update(throughput(row["median_ms"], state, settings, accounting, ceilings))
         if config.scheduler is not None:
             report = config.scheduler.report()
@@ -441,7 +444,7 @@ def _progress(row: dict) -> str:
         return f"B={row['batch']:<3} {row['config']:<12} {row['status']}: {row['error']}"
     extra = f", compile {row['compile_s']:.1f} s" if row.get("compile_s") else ""
     return (f"B={row['batch']:<3} {row['config']:<12} {row['median_ms']:9.3f} ms/step "
-            f"({row['x_weight_floor']:.2f}x weight floor), graph: {row['graph']}{extra}")
+            f"({row['x_weight_floor']:.2f}x weight floor, SM MHz {clock(row)}), graph: {row['graph']}{extra}")
 
 
 def device_slug(device: torch.device) -> str:
@@ -535,7 +538,8 @@ def run(settings) -> int:
     with torch.inference_mode():
         ceilings = measure_ceilings(device, settings.dtype, quick=settings.quick or device.type != "cuda")
         log(f"ceilings: copy {ceilings['copy_bandwidth_Bps'] / 1e12:.3f} TB/s (read + write), "
-            f"{ceilings['matmul_size']}^3 {ceilings['matmul_dtype']} matmul {ceilings['matmul_flops'] / 1e12:.1f} TFLOP/s")
+            f"{ceilings['matmul_size']}^3 {ceilings['matmul_dtype']} matmul "
+            f"{ceilings['matmul_flops'] / 1e12:.1f} TFLOP/s (SM MHz {clock(ceilings, 'matmul_')})")
         begin = time.perf_counter()
         model = build_random_model(spec, device, settings.dtype)
         synchronize(device)
