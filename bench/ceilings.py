@@ -1,6 +1,7 @@
 """Timing and the two device ceilings every step number is compared with, measured in the same
 run: device-to-device copy bandwidth (bytes read + bytes written per second) and the dense matmul
-rate at the model dtype, with the SM clock while the matmuls ran (bench.gpu_clocks).
+rate at the model dtype, over a short burst and sustained for a second, with the SM clock while
+the matmuls ran (bench.gpu_clocks): under a power limit the two can differ.
 
 `time_calls` times each call separately (CUDA events on the GPU, the host clock on the CPU) after
 warm-up, running `before` ahead of every call outside the timed region.
@@ -8,6 +9,7 @@ warm-up, running `before` ahead of every call outside the timed region.
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 from typing import Callable, ContextManager
@@ -73,24 +75,41 @@ def copy_bandwidth(device: torch.device, nbytes: int, iters: int) -> float:
     return 2 * source.numel() * source.element_size() / (median_ms / 1e3)
 
 
-def matmul_rate(device: torch.device, size: int, dtype: torch.dtype, iters: int,
-                sampler: ContextManager | None = None) -> float:
-    """FLOP/s of a size^3 matmul on random inputs (2 * size^3 FLOPs per product)."""
+def matmul_rates(device: torch.device, size: int, dtype: torch.dtype, iters: int, sustain_s: float,
+                 burst_sampler: ContextManager | None = None,
+                 sustained_sampler: ContextManager | None = None) -> tuple[float, float]:
+    """FLOP/s of a size^3 matmul on random inputs (2 * size^3 FLOPs per product): over `iters`
+    products (a burst, at the clocks of a rested GPU), and over the second half of products run
+    back to back for `sustain_s` seconds (the rate the GPU holds under its power limit)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     out = torch.empty(size, size, device=device, dtype=dtype)
-    median_ms = statistics.median(time_calls(lambda: torch.matmul(a, b, out=out), device, warmup=3, iters=iters,
-                                             sampler=sampler))
-    return 2 * size**3 / (median_ms / 1e3)
+
+    def product():
+        return torch.matmul(a, b, out=out)
+
+    burst_ms = statistics.median(time_calls(product, device, warmup=3, iters=iters, sampler=burst_sampler))
+    calls = max(iters, math.ceil(sustain_s * 1e3 / burst_ms))
+    sustained = time_calls(product, device, warmup=0, iters=calls, sampler=sustained_sampler)
+    sustained_ms = statistics.median(sustained[calls // 2:])
+    return 2 * size**3 / (burst_ms / 1e3), 2 * size**3 / (sustained_ms / 1e3)
+
+
+# Seconds of back-to-back matmuls for the sustained rate: about as long as bench.step times a
+# batch-16 configuration (50 steps of ~14 ms on an H200).
+SUSTAIN_S = 1.0
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype, quick: bool) -> dict:
-    copy_bytes, matmul_size, iters = (1 << 24, 256, 5) if quick else (1 << 31, 8192, 20)
+    copy_bytes, matmul_size, iters, sustain_s = (1 << 24, 256, 5, 0.05) if quick else (1 << 31, 8192, 20, SUSTAIN_S)
     ceilings = {"copy_bytes": copy_bytes, "matmul_size": matmul_size, "matmul_dtype": str(dtype).removeprefix("torch."),
-                "copy_bandwidth_Bps": copy_bandwidth(device, copy_bytes, iters)}
-    clocks = ClockSampler(nvidia_smi_gpu(device), interval_ms=10)
-    ceilings["matmul_flops"] = matmul_rate(device, matmul_size, dtype, iters, sampler=clocks)
-    ceilings.update({f"matmul_{name}": value for name, value in clocks.summary().items()})
+                "copy_bandwidth_Bps": copy_bandwidth(device, copy_bytes, iters), "matmul_sustain_s": sustain_s}
+    gpu = nvidia_smi_gpu(device)
+    burst, sustained = ClockSampler(gpu, interval_ms=10), ClockSampler(gpu)
+    ceilings["matmul_flops"], ceilings["matmul_flops_sustained"] = matmul_rates(
+        device, matmul_size, dtype, iters, sustain_s, burst, sustained)
+    ceilings.update({f"matmul_{name}": value for name, value in burst.summary().items()})
+    ceilings.update({f"matmul_sustained_{name}": value for name, value in sustained.summary().items()})
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the copy and matmul buffers are gone: give the model their memory
     return ceilings

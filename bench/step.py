@@ -326,6 +326,7 @@ def throughput(median_ms: float, state: StepState, settings, accounting: dict, c
             "x_memory_floor": median_ms / memory_floor_ms,
             "achieved_tflops": accounting["flops"] / seconds / 1e12,
             "matmul_fraction": accounting["flops"] / seconds / rate,
+            "matmul_fraction_sustained": accounting["flops"] / seconds / ceilings["matmul_flops_sustained"],
             "x_cublas_gemm": median_ms / accounting["cublas_gemm_ms"] if accounting["cublas_gemm_ms"] else None}
 
 
@@ -539,7 +540,9 @@ def run(settings) -> int:
         ceilings = measure_ceilings(device, settings.dtype, quick=settings.quick or device.type != "cuda")
         log(f"ceilings: copy {ceilings['copy_bandwidth_Bps'] / 1e12:.3f} TB/s (read + write), "
             f"{ceilings['matmul_size']}^3 {ceilings['matmul_dtype']} matmul "
-            f"{ceilings['matmul_flops'] / 1e12:.1f} TFLOP/s (SM MHz {clock(ceilings, 'matmul_')})")
+            f"{ceilings['matmul_flops'] / 1e12:.1f} TFLOP/s (SM MHz {clock(ceilings, 'matmul_')}), sustained for "
+            f"{ceilings['matmul_sustain_s']:g} s {ceilings['matmul_flops_sustained'] / 1e12:.1f} TFLOP/s "
+            f"(SM MHz {clock(ceilings, 'matmul_sustained_')})")
         begin = time.perf_counter()
         model = build_random_model(spec, device, settings.dtype)
         synchronize(device)

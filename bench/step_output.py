@@ -42,8 +42,9 @@ def fusion_table(summary_rows: list[dict]) -> str:
 CSV_FIELDS = ["model", "device", "batch", "config", "label", "status", "median_ms", "p10_ms", "p90_ms", "samples",
               "steps_per_s", "tokens_per_step", "tokens_per_s", "block_tokens_per_s", "weight_bytes", "kv_bytes",
               "weight_floor_ms", "memory_floor_ms", "x_weight_floor", "x_memory_floor", "flops", "achieved_tflops",
-              "matmul_fraction", "cublas_gemm_ms", "x_cublas_gemm", "sm_clock_mhz", "clock_limited", "clock_samples",
-              "routed_experts_per_layer", "graph", "compile_s", "peak_memory_gb", "wall_s", "notes", "error"]
+              "matmul_fraction", "matmul_fraction_sustained", "cublas_gemm_ms", "x_cublas_gemm", "sm_clock_mhz",
+              "clock_limited", "clock_samples", "routed_experts_per_layer", "graph", "compile_s", "peak_memory_gb",
+              "wall_s", "notes", "error"]
 
 
 def write_outputs(out: Path, stem: str, meta: dict, rows: list[dict], reports: dict) -> list[Path]:
@@ -114,7 +115,8 @@ def clock(sample: dict, prefix: str = "") -> str:
 
 def table(rows: list[dict], tokens_per_step: float) -> str:
     head = (f"{'B':>3} {'configuration':<12} {'ms/step':>9} {'steps/s':>8} {'tok/s@' + format(tokens_per_step, 'g'):>9} "
-            f"{'blk tok/s':>10} {'xWfloor':>7} {'xWKVfl':>7} {'MMfrac':>6} {'xGEMM':>6} {'SM MHz':>7}  graph / status")
+            f"{'blk tok/s':>10} {'xWfloor':>7} {'xWKVfl':>7} {'MMfrac':>6} {'MMsust':>6} {'xGEMM':>6} {'SM MHz':>7}"
+            "  graph / status")
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r["batch"], CONFIGS.index(r["config"]))):
         if r["status"] != "ok":
@@ -125,7 +127,8 @@ def table(rows: list[dict], tokens_per_step: float) -> str:
         x_gemm = f"{r['x_cublas_gemm']:6.2f}" if r.get("x_cublas_gemm") is not None else f"{'-':>6}"
         lines.append(f"{r['batch']:>3} {r['config']:<12} {r['median_ms']:9.3f} {r['steps_per_s']:8.1f} "
                      f"{r['tokens_per_s']:9.0f} {r['block_tokens_per_s']:10.0f} {r['x_weight_floor']:7.2f} "
-                     f"{r['x_memory_floor']:7.2f} {r['matmul_fraction']:6.1%} {x_gemm} {clock(r):>7}  "
+                     f"{r['x_memory_floor']:7.2f} {r['matmul_fraction']:6.1%} {r['matmul_fraction_sustained']:6.1%} "
+                     f"{x_gemm} {clock(r):>7}  "
                      f"{graph}{compile_s}")
     return "\n".join(lines)
 
@@ -136,7 +139,9 @@ def print_summary(meta, rows, accountings, ceilings, paths) -> None:
     print(f"\n{meta['model']} denoise step on {env['device']} (torch {env['torch']}, triton {env['triton']}), "
           f"prompt {meta['prompt']} + gen {meta['gen']}, block {meta['block']}, dual cache, {meta['dtype']}")
     print(f"ceilings (this run): copy {ceilings['copy_bandwidth_Bps'] / 1e12:.3f} TB/s, "
-          f"matmul {ceilings['matmul_flops'] / 1e12:.1f} TFLOP/s (SM MHz {clock(ceilings, 'matmul_')})")
+          f"matmul {ceilings['matmul_flops'] / 1e12:.1f} TFLOP/s (SM MHz {clock(ceilings, 'matmul_')}), "
+          f"sustained {ceilings['matmul_flops_sustained'] / 1e12:.1f} TFLOP/s "
+          f"(SM MHz {clock(ceilings, 'matmul_sustained_')})")
     for batch, a in sorted(accountings.items()):
         if not a:
             continue
@@ -149,7 +154,8 @@ def print_summary(meta, rows, accountings, ceilings, paths) -> None:
               f"{(a['weight_bytes'] + a['kv_bytes']) / bandwidth * 1e3:.3f} ms; {a['flops'] / 1e12:.2f} TFLOP"
               f"{routed}{gemm}")
     print("xWfloor = ms/step over the weight-streaming floor; xWKVfl = over the weights + KV-cache floor; "
-          "MMfrac = model FLOP/s over the measured matmul rate; xGEMM = over the step's nn.Linear matmuls "
+          "MMfrac = model FLOP/s over the measured matmul rate (a burst), MMsust = over the rate sustained "
+          f"for {ceilings['matmul_sustain_s']:g} s; xGEMM = over the step's nn.Linear matmuls "
           "alone (cuBLAS); SM MHz = median SM clock while timing (nvidia-smi), * = a power or thermal limit "
           "active in some samples")
     print(table(rows, meta["tokens_per_step"]))

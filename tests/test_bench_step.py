@@ -3,6 +3,7 @@ skipped/failed with its reason, the outputs are written, and the roofline accoun
 bytes, FLOPs, routed experts) matches counts made here from the parameter shapes."""
 import csv
 import json
+import time
 
 import pytest
 import torch
@@ -33,6 +34,8 @@ def test_quick_run_measures_or_explains_every_configuration(tmp_path, capsys):
     assert code == 0
     assert torch.get_num_threads() == threads
     rows = read_rows(out, "step-tiny-cpu")
+    result = json.loads((out / "step-tiny-cpu.json").read_text())
+    ceilings = result["ceilings"]
     assert sorted((int(r["batch"]), r["config"]) for r in rows) == sorted(
         (b, c) for b in (1, 2) for c in step.CONFIGS)
     by = {(int(r["batch"]), r["config"]): r for r in rows}
@@ -45,11 +48,15 @@ def test_quick_run_measures_or_explains_every_configuration(tmp_path, capsys):
             assert float(row["x_weight_floor"]) == pytest.approx(median / floor)
             assert float(row["block_tokens_per_s"]) == pytest.approx(batch * 8 / (median / 1e3))
             assert float(row["tokens_per_s"]) == pytest.approx(batch * 3 / (median / 1e3))
+            # one FLOP count over two ceilings: the fractions stand in the ratio of the rates
+            ratio = float(row["matmul_fraction"]) / float(row["matmul_fraction_sustained"])
+            assert ratio == pytest.approx(ceilings["matmul_flops_sustained"] / ceilings["matmul_flops"])
         for name in ("graph", "compile"):
             assert by[(batch, name)]["status"] == "skipped" and "CUDA" in by[(batch, name)]["error"]
-    result = json.loads((out / "step-tiny-cpu.json").read_text())
     assert result["environment"]["torch"] == torch.__version__
-    assert result["ceilings"]["copy_bandwidth_Bps"] > 0 and result["ceilings"]["matmul_flops"] > 0
+    assert ceilings["copy_bandwidth_Bps"] > 0
+    assert ceilings["matmul_flops"] > 0 and ceilings["matmul_flops_sustained"] > 0
+    assert ceilings["matmul_clock_samples"] == 0  # no nvidia-smi sampling on the CPU
     assert set(result["fusion_reports"]) == {"1", "2"}
     assert result["fusion_reports"]["1"]["report"]["groups"]
     assert (out / "step-tiny-cpu.png").stat().st_size > 0
@@ -157,3 +164,12 @@ def test_cublas_gemm_time_adds_up_the_calls():
     one = step.cublas_gemm_ms({(32, 256, 512, torch.bfloat16): 1}, torch.device("cuda"))
     total = step.cublas_gemm_ms(calls, torch.device("cuda"))
     assert 0 < one < total
+
+
+def test_the_sustained_matmul_rate_runs_its_seconds_and_times_the_second_half():
+    from bench.ceilings import matmul_rates
+
+    begin = time.perf_counter()
+    burst, sustained = matmul_rates(torch.device("cpu"), 256, torch.float32, iters=5, sustain_s=0.4)
+    assert time.perf_counter() - begin >= 0.2  # the burst's time per product sets the count: ~0.4 s of products
+    assert burst > 0 and sustained > 0
