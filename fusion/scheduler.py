@@ -166,8 +166,11 @@ class FusionScheduler:
         self._first_output = None  # the output of the reference replay done while compiling
 
     # -- grouping ------------------------------------------------------------------------------
-    def _match_patterns(self, graph: SubGraph, deps, users) -> list[Group]:
-        taken: set[int] = set()
+    def _match_patterns(self, graph: SubGraph, deps, users, taken: set[int] = frozenset(),
+                        within: set[int] | None = None, excluded: frozenset = frozenset()) -> list[Group]:
+        """Pattern groups, highest priority first, over the nodes not `taken` (and only inside
+        `within`, when given), leaving out the (pattern name, nodes) pairs in `excluded`."""
+        taken = set(taken)
         groups = []
         if not self.config.enable_fusion:
             return groups
@@ -180,6 +183,9 @@ class FusionScheduler:
                 log.warning("pattern %s: matcher failed: %s", pattern.name, e)
                 continue
             for m in matches:
+                nodes = tuple(sorted(m.nodes))
+                if (pattern.name, nodes) in excluded or (within is not None and not within.issuperset(nodes)):
+                    continue
                 reason = self._invalid_match(graph, m, taken, deps, users)
                 if reason:
                     log.debug("pattern %s: match at %s rejected: %s", pattern.name, m.nodes, reason)
@@ -262,15 +268,10 @@ class FusionScheduler:
             for p in d:
                 users[p].add(i)
         groups = self._match_patterns(graph, deps, users)
-        taken = {i for g in groups for i in g.nodes}
-        if self.config.enable_fusion:
-            for nodes in self._generic_groups(graph, taken, deps, users):
-                if len(nodes) < self.config.min_nodes:
-                    continue
-                sub = graph.subgraph(nodes)
-                groups.append(Group("generic", "generic", tuple(nodes), list(sub.inputs), list(sub.outputs)))
+        groups += self._generic(graph, {i for g in groups for i in g.nodes}, deps, users)
         for g in groups:
             self._decide_static(graph, g)
+        statically_fused = [g for g in groups if g.fused]
         # Groups alike in everything a kernel sees (every layer's rope, say) are tried, validated
         # and profiled once, on the first one's values: capturing every layer's inputs would copy
         # each buffer written in place (a whole KV cache) to keep its value before the write.
@@ -287,9 +288,82 @@ class FusionScheduler:
                 self._decide_dynamic(graph, g, values, args)
             else:
                 _share_decision(first, g)
+        turned_down = [g for g in statically_fused if g.kind == "pattern" and not g.fused]
+        groups += self._regroup(graph, turned_down, groups, firsts, values, args, deps, users)
         program = self._build(graph, groups, deps)
         self._report.compile_seconds += time.perf_counter() - start
         return program
+
+    def _generic(self, graph: SubGraph, taken: set[int], deps, users) -> list[Group]:
+        """Generic groups over the fusible nodes not `taken`."""
+        if not self.config.enable_fusion:
+            return []
+        groups = []
+        for nodes in self._generic_groups(graph, taken, deps, users):
+            if len(nodes) >= self.config.min_nodes:
+                sub = graph.subgraph(nodes)
+                groups.append(Group("generic", "generic", tuple(nodes), list(sub.inputs), list(sub.outputs)))
+        return groups
+
+    def _regroup(self, graph: SubGraph, turned_down: list[Group], groups: list[Group], firsts: dict,
+                 values: dict, args: tuple, deps, users) -> list[Group]:
+        """The ops of pattern groups the profile rule (or a failing kernel) turned down, offered to
+        the lower-priority patterns and to generic fusion as if those groups had never matched: an
+        Add+RMSNorm kernel turned down can leave the RMSNorm kernel, say. The new groups are
+        decided on the values the turned-down groups' own ops compute from the inputs captured for
+        them (the step is not replayed twice), once per alike class; they are not regrouped again."""
+        if not turned_down:
+            return []
+        freed = {i for g in turned_down for i in g.nodes}
+        others = {i for g in groups for i in g.nodes} - freed
+        excluded = frozenset((g.name, tuple(sorted(g.nodes))) for g in turned_down)
+        new = self._match_patterns(graph, deps, users, taken=others, within=freed, excluded=excluded)
+        claimed = {i for g in new for i in g.nodes}
+        new += self._generic(graph, set(range(len(graph.nodes))) - (freed - claimed), deps, users)
+        if not new:
+            return []
+        for g in turned_down:
+            g.record.reason += "; its ops went back to the other patterns and generic fusion"
+        tried = [g for g in turned_down if firsts.get(_alike(graph, g)) is g]
+        env = self._replay_groups(graph, tried, values, args)
+        for g in new:
+            self._decide_static(graph, g)
+        new_firsts: dict[tuple, Group] = {}
+        for g in new:
+            if g.fused and all(n in env for n in g.inputs):
+                new_firsts.setdefault(_alike(graph, g), g)
+        for g in new:
+            if not g.fused:
+                continue
+            first = new_firsts.get(_alike(graph, g))
+            if first is g:
+                self._decide_dynamic(graph, g, env, args)
+            elif first is not None:
+                _share_decision(first, g)
+            else:
+                g.decision = Decision(False, "not tried: no example values for its inputs")
+                g.record.decision, g.record.reason = False, g.decision.reason
+        return new
+
+    @staticmethod
+    def _replay_groups(graph: SubGraph, groups: list[Group], values: dict, args: tuple) -> dict[str, torch.Tensor]:
+        """Every value the ops of `groups` read or compute, run on their captured inputs (which
+        hold copies of the storages the graph writes, so the replay writes nothing outside)."""
+        if not args:
+            args = tuple(graph.specialized.get(i, graph.scalars[i](1) if i in graph.scalars else None)
+                         for i in range(graph.num_args))
+        env: dict[str, Any] = {}
+        with torch.no_grad():
+            for g in groups:
+                scope = {**graph.constants, **{n: values[n] for n in g.inputs}}
+                for i in sorted(g.nodes):
+                    node = graph.nodes[i]
+                    result = node.target(*_resolve(node.args, scope, args), **_resolve(node.kwargs, scope, args))
+                    for name, value in zip(node.out_leaves, tree_flatten(result)[0]):
+                        if name is not None:
+                            scope[name] = value
+                env.update(scope)
+        return env
 
     def _decide_static(self, graph: SubGraph, g: Group) -> None:
         g.decision = self.heuristics.static_rules(graph, list(g.nodes), generic=g.kind == "generic")

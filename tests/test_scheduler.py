@@ -118,6 +118,70 @@ def test_slower_fused_kernel_is_rejected_by_profiling_and_the_decision_persists(
     assert not group.decision and group.decided_by == "disk"
 
 
+class MulOnly(Pattern):
+    """Test-local pattern: a multiply of a sum, kept by the profile rule unless 1000x slower;
+    remembers the sum of every call."""
+
+    name = "test_mul"
+    priority = 5
+    profile_ratio = 1000.0
+
+    def __init__(self):
+        self.seen = []
+
+    def match(self, graph):
+        return [Match(self.name, (i,), tuple(node.inputs), (node.outputs[0],))
+                for i, node in enumerate(graph.nodes) if node.op == "aten.mul.Tensor" and len(node.inputs) == 2
+                and getattr(graph.producer_node(node.inputs[0]), "op", None) == "aten.add.Tensor"]
+
+    def reference(self, x, c):
+        return x * c
+
+    def kernel(self, x, c):
+        self.seen.append(x.clone())
+        return x * c
+
+    def bytes_moved(self, x, c):
+        return 3 * x.numel() * x.element_size()
+
+
+def test_a_pattern_turned_down_leaves_its_ops_to_the_patterns_below_it(tmp_path):
+    def sleepy(a, b, c):
+        time.sleep(0.004)
+        return (a + b) * c
+
+    mul = MulOnly()
+    config = FusionConfig(cache_dir=tmp_path, profile=True, op_whitelist=frozenset())  # no generic groups
+    scheduler = FusionScheduler(config, patterns=[AddMul(sleepy), mul])
+    args = _args()
+    graph = record(add_mul_then_norm, *args)
+    torch.testing.assert_close(scheduler.dispatch(graph, *args), add_mul_then_norm(*args))
+    groups = {g.name: g for g in scheduler.report().groups}
+    assert not groups["test_add_mul"].decision and "went back" in groups["test_add_mul"].reason
+    assert groups["test_mul"].decision and groups["test_mul"].decided_by == "profiled"
+    # decided on the sum the recorded add computed from the real inputs (no second replay of the step)
+    assert torch.equal(mul.seen[0], args[0] + args[1])
+    again = _args()
+    torch.testing.assert_close(scheduler.dispatch(graph, *again), add_mul_then_norm(*again))
+    assert [g.name for g in scheduler.program(graph).groups if g.fused] == ["test_mul"]
+
+
+def test_a_pattern_turned_down_leaves_its_ops_to_generic_fusion(tmp_path):
+    def broken(a, b, c):
+        raise RuntimeError("kernel exploded")
+
+    scheduler = FusionScheduler(FusionConfig(cache_dir=tmp_path), patterns=[AddMul(broken)])
+    args = _args()
+    graph = record(add_mul_then_norm, *args)
+    torch.testing.assert_close(scheduler.dispatch(graph, *args), add_mul_then_norm(*args))
+    program = scheduler.program(graph)
+    [turned_down] = [g for g in program.groups if g.kind == "pattern"]
+    assert not turned_down.fused
+    assert any(g.kind == "generic" and g.fused and g.nodes == turned_down.nodes for g in program.groups)
+    again = _args()
+    torch.testing.assert_close(program(*again), add_mul_then_norm(*again))
+
+
 def test_failing_pattern_kernel_falls_back_or_raises(tmp_path):
     def broken(a, b, c):
         raise RuntimeError("kernel exploded")
