@@ -2,6 +2,7 @@
 
     python -m bench.kernels            # CUDA: full sweep, ~5-10 minutes on an H100
     python -m bench.kernels --quick    # tiny shapes; on CPU the kernels run under the Triton interpreter
+    python -m bench.kernels --rows 32,4096   # only these token rows (4096: the bandwidth bar; 32: a step's block)
 
 For every pattern and shape: median microseconds from triton.testing.do_bench (launches from
 Python, as an eager step pays them), from do_bench_cudagraph (GPU time inside a CUDA graph, as a
@@ -125,10 +126,10 @@ def _attention_case(batch: int, block: int, context: int, heads: int, head_dim: 
                              attention.attention_bytes(q, k, v, bias))
 
 
-def build_cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
+def build_cases(device: str, dtype: torch.dtype, quick: bool, rows: list[int] | None = None) -> Iterator[Case]:
     """The cases one at a time: a case's inputs are allocated when it is reached, not all up front
-    (bench.tune_launch builds its inputs alone too)."""
-    rows_list = [5] if quick else [32, 256, 1024, 4096]
+    (bench.tune_launch builds its inputs alone too). `rows`: the token rows to run (default: all)."""
+    rows_list = rows or ([5] if quick else [32, 256, 1024, 4096])
     hiddens = [256] if quick else [4096, 2048]
     ffn = 384 if quick else 12288
     vocabs = [3000] if quick else [126464, 157184]
@@ -265,7 +266,7 @@ def device_label(device: str) -> str:
     return name, re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
 
 
-def run(quick: bool, compile_baseline: bool, only: list[str] | None) -> list[dict]:
+def run(quick: bool, compile_baseline: bool, only: list[str] | None, rows_only: list[int] | None = None) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and compile_baseline:
         print("note: no torch.compile timings on CPU (inductor's C++ build per shape would dominate the run)")
@@ -286,7 +287,7 @@ def run(quick: bool, compile_baseline: bool, only: list[str] | None) -> list[dic
         print(meta["note"])
     print(f"{name}  torch {torch.__version__}  triton {triton.__version__}  copy bandwidth {bandwidth:.0f} GB/s")
     rows = []
-    for case in build_cases(device, torch.bfloat16, quick):
+    for case in build_cases(device, torch.bfloat16, quick, rows_only):
         if only and case.pattern not in only:
             continue
         try:
@@ -326,7 +327,8 @@ def run(quick: bool, compile_baseline: bool, only: list[str] | None) -> list[dic
         ratios = "  ".join(f"vs {r['provider']} {r['us_best'] / fused_us:.2f}x" for r in rows[-len(providers) + 1:])
         print(f"{'':28s} {'':14s} fused speed-up {ratios}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / (f"kernels-{slug}" + ("-" + "-".join(only) if only else ""))  # partial runs do not clobber
+    partial = ("-" + "-".join(only) if only else "") + ("-rows" + "-".join(map(str, rows_only)) if rows_only else "")
+    stem = RESULTS / f"kernels-{slug}{partial}"  # partial runs do not clobber
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -368,9 +370,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (seconds; CPU interpreter works)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--only", nargs="*", help="pattern names to run")
+    parser.add_argument("--rows", type=_row_counts, default=None,
+                        help="comma-separated token rows to run, e.g. 32,4096 (default 32,256,1024,4096; quick 5)")
     args = parser.parse_args(argv)
     with serial_launches():
-        run(args.quick, not args.no_compile, args.only)
+        run(args.quick, not args.no_compile, args.only, args.rows)
+
+
+def _row_counts(text: str) -> list[int]:
+    try:
+        rows = [int(r) for r in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated row counts, got {text!r}") from None
+    if any(r < 1 for r in rows):
+        raise argparse.ArgumentTypeError(f"row counts must be positive, got {text!r}")
+    return rows
 
 
 if __name__ == "__main__":
