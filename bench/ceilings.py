@@ -80,7 +80,7 @@ def matmul_rates(device: torch.device, size: int, dtype: torch.dtype, iters: int
                  sustained_sampler: ContextManager | None = None) -> tuple[float, float]:
     """FLOP/s of a size^3 matmul on random inputs (2 * size^3 FLOPs per product): over `iters`
     products (a burst, at the clocks of a rested GPU), and over the second half of products run
-    back to back for `sustain_s` seconds (the rate the GPU holds under its power limit)."""
+    back to back for `sustain_s` seconds (the rate the GPU holds, under its power limit where that binds)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     out = torch.empty(size, size, device=device, dtype=dtype)
