@@ -182,6 +182,19 @@ def test_a_pattern_turned_down_leaves_its_ops_to_generic_fusion(tmp_path):
     torch.testing.assert_close(program(*again), add_mul_then_norm(*again))
 
 
+def test_ops_handed_back_without_example_args_are_decided_on_random_inputs(tmp_path):
+    def broken(a, b, c):
+        raise RuntimeError("kernel exploded")
+
+    mul = MulOnly()
+    args = _args()
+    config = FusionConfig(cache_dir=tmp_path, op_whitelist=frozenset())
+    scheduler = FusionScheduler(config, patterns=[AddMul(broken), mul])
+    program = scheduler.compile(record(add_mul_then_norm, *args))  # no example args: random values
+    assert [g.name for g in program.groups if g.fused] == ["test_mul"] and len(mul.seen) == 1
+    torch.testing.assert_close(program(*args), add_mul_then_norm(*args))
+
+
 def test_failing_pattern_kernel_falls_back_or_raises(tmp_path):
     def broken(a, b, c):
         raise RuntimeError("kernel exploded")
