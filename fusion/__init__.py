@@ -21,8 +21,9 @@ from .heuristics import Decision, FusionHeuristics  # noqa: E402
 from .ir import OpNode, Ref, ScalarArg, SubGraph  # noqa: E402
 from .pattern import Match, Pattern, register  # noqa: E402
 from .record import RecordingError, record  # noqa: E402
+from .program import Program  # noqa: E402
 from .report import FusionReport  # noqa: E402
-from .scheduler import FusionScheduler, Program  # noqa: E402
+from .scheduler import FusionScheduler  # noqa: E402
 
 __all__ = ["record", "RecordingError", "SubGraph", "OpNode", "Ref", "ScalarArg", "Pattern", "Match", "register",
            "FusionConfig", "FusionHeuristics", "Decision", "KernelCompiler", "CompileError", "FusionScheduler",
