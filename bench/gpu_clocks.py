@@ -7,7 +7,7 @@ every timing, so that two runs, or a ceiling and a step of one run, can be compa
 
     with ClockSampler(nvidia_smi_gpu(device)) as clocks:
         ...  # the timed work
-    clocks.summary()  # {"sm_clock_mhz": median, "clock_limited": share of samples, "clock_reasons", ...}
+    clocks.summary()  # {"sm_clock_mhz": median, "power_w": median, "clock_limited": share of samples, ...}
 """
 from __future__ import annotations
 
@@ -54,12 +54,14 @@ def parse_samples(text: str) -> list[tuple[float, float, int]]:
 
 
 def summarize(samples: list[tuple[float, float, int]]) -> dict:
-    """The median SM clock, the share of samples a limit held down and which limits did (the
-    event reasons' bits, or-ed: 0x4 software power cap, 0x8 hardware slowdown, ...)."""
+    """The median SM clock and power draw, the share of samples a limit held down and which limits
+    did (the event reasons' bits, or-ed: 0x4 software power cap, 0x8 hardware slowdown, ...)."""
     if not samples:
-        return {"sm_clock_mhz": None, "clock_limited": None, "clock_reasons": None, "clock_samples": 0}
+        return {"sm_clock_mhz": None, "power_w": None, "clock_limited": None, "clock_reasons": None,
+                "clock_samples": 0}
     limits = [s[2] & LIMITING for s in samples]
     return {"sm_clock_mhz": statistics.median(s[0] for s in samples),
+            "power_w": statistics.median(s[1] for s in samples),
             "clock_limited": sum(map(bool, limits)) / len(samples),
             "clock_reasons": hex(functools.reduce(operator.or_, limits)),
             "clock_samples": len(samples)}

@@ -43,7 +43,7 @@ CSV_FIELDS = ["model", "device", "batch", "config", "label", "status", "median_m
               "steps_per_s", "tokens_per_step", "tokens_per_s", "block_tokens_per_s", "weight_bytes", "kv_bytes",
               "weight_floor_ms", "memory_floor_ms", "x_weight_floor", "x_memory_floor", "flops", "achieved_tflops",
               "matmul_fraction", "matmul_fraction_sustained", "cublas_gemm_ms", "x_cublas_gemm", "sm_clock_mhz",
-              "clock_limited", "clock_reasons", "clock_samples", "routed_experts_per_layer", "graph", "compile_s",
+              "power_w", "clock_limited", "clock_reasons", "clock_samples", "routed_experts_per_layer", "graph", "compile_s",
               "peak_memory_gb", "wall_s", "notes", "error"]
 
 

@@ -19,9 +19,10 @@ def test_samples_are_parsed_and_other_lines_skipped():
 
 def test_summary_counts_the_samples_a_limit_held_down():
     samples = [(1980.0, 400.0, 0x0), (1700.0, 700.0, 0x4), (1650.0, 700.0, 0x80), (1980.0, 90.0, 0x1)]
-    assert summarize(samples) == {"sm_clock_mhz": 1840.0, "clock_limited": 0.5, "clock_reasons": "0x84",
-                                  "clock_samples": 4}  # the idle bit 0x1 is no limit
-    assert summarize([]) == {"sm_clock_mhz": None, "clock_limited": None, "clock_reasons": None, "clock_samples": 0}
+    assert summarize(samples) == {"sm_clock_mhz": 1840.0, "power_w": 550.0, "clock_limited": 0.5,
+                                  "clock_reasons": "0x84", "clock_samples": 4}  # the idle bit 0x1 is no limit
+    assert summarize([]) == {"sm_clock_mhz": None, "power_w": None, "clock_limited": None, "clock_reasons": None,
+                             "clock_samples": 0}
 
 
 def test_clock_column():
@@ -66,7 +67,7 @@ def test_sampler_counts_only_samples_taken_inside_the_block(fake_nvidia_smi):
     summary = sampler.summary()
     assert summary["clock_samples"] >= 1
     assert summary["sm_clock_mhz"] == 1500.0 and summary["clock_limited"] == 1.0  # not the warm-up 1000 MHz
-    assert summary["clock_reasons"] == "0x4"
+    assert summary["clock_reasons"] == "0x4" and summary["power_w"] == 650.0
     args = (fake_nvidia_smi / "args").read_text().split()
     assert args[:2] == ["-i", "GPU-1234"] and "-lms" in args
     assert sampler.process is None  # stopped
