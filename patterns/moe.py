@@ -66,12 +66,12 @@ def moe_dense_reference(x, w13, w2, weights, ids):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused kernel. Slots are sorted by expert and each expert's run is padded to a multiple of
-# BLOCK_M, so a block of BLOCK_M sorted rows belongs to one expert. Two grouped GEMMs, one
-# program per (row block, column block):
+# Fused kernels. Slots are sorted by expert and each expert's run is padded to a multiple of
+# BLOCK_M (a counting sort), so a block of BLOCK_M sorted rows belongs to one expert.
+# Two grouped GEMMs, one program per (row block, column block):
 #   1. gate_up: act[row] = swiglu(x[token(row)] @ w13[e].T)       [P, I] in x.dtype
 #   2. down:    slot_out[slot(row)] = weight(slot) * (act[row] @ w2[e].T)   [S, H] in fp32
-# then out = slot_out.view(N, K, H).sum(1): a fixed-order combine, so results are deterministic
+# then a combine kernel sums each token's K slot rows in k order: results are deterministic
 # (no atomics). Every size is a function of (N, K, E, BLOCK_M) alone: the padded row count is
 # bounded by S + min(E, S) * (BLOCK_M - 1), and the blocks past the real padded count exit at
 # once. No host sync anywhere, so the whole op can be captured in a CUDA graph.
@@ -91,18 +91,15 @@ def padded_capacity(num_slots: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(bound, block_m) * block_m
 
 
-def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int):
-    """ids [N, K] -> (sorted_slots int32 [P], block_expert int32 [P / block_m]).
-
-    sorted_slots lists the slot indices (n * K + k) grouped by expert, each expert's run padded to
-    a multiple of block_m with the sentinel S; block_expert[b] is the expert of row block b, or -1
-    for blocks past the end (and for slots whose id is outside [0, E)). Sync-free."""
+def align_by_expert_reference(ids: torch.Tensor, num_experts: int, block_m: int):
+    """PyTorch form of align_by_expert (same outputs): a stable argsort by expert, some twenty
+    small kernels."""
     flat = ids.reshape(-1)
     S = flat.numel()
     flat = flat.masked_fill((flat < 0) | (flat >= num_experts), num_experts).long()  # E: not here
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
-    counts[num_experts:].zero_()  # foreign slots get no rows (in place: no host value, capture-safe)
+    counts[num_experts:].zero_()  # foreign slots get no rows
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = padded.cumsum(0)
     order = flat.argsort(stable=True)
@@ -117,6 +114,90 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int):
     block_expert = torch.searchsorted(padded_end, block_starts, right=True)
     block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
     return sorted_slots[:capacity], block_expert
+
+
+def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int):
+    """ids [N, K] -> (sorted_slots int32 [P], block_expert int32 [P / block_m]).
+
+    sorted_slots lists the slot indices (n * K + k) grouped by expert, in slot order within an
+    expert, each expert's run padded to a multiple of block_m with the sentinel S; block_expert[b]
+    is the expert of row block b, or -1 for blocks past the end. Slots whose id is outside [0, E)
+    get no row. Two kernels, sync-free (a counting sort, below)."""
+    flat = ids.reshape(-1)
+    S = flat.numel()
+    capacity = padded_capacity(S, num_experts, block_m)
+    counts = torch.empty(num_experts, dtype=torch.int32, device=ids.device)
+    sorted_slots = torch.empty(capacity, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(capacity // block_m, dtype=torch.int32, device=ids.device)
+    chunk = min(ALIGN_CHUNK, triton.next_power_of_2(max(S, 1)))
+    _count_kernel[(num_experts,)](flat, S, counts, CHUNK=chunk, num_warps=ALIGN_WARPS)
+    _place_kernel[(num_experts,)](
+        flat, S, counts, num_experts, capacity, sorted_slots, block_expert,
+        BLOCK_M=block_m, PAD_ROWS=triton.next_power_of_2(block_m), BLOCK_E=triton.next_power_of_2(num_experts),
+        CHUNK=chunk, num_warps=ALIGN_WARPS,
+    )
+    return sorted_slots, block_expert
+
+
+# Counting sort, one program per expert, in two launches (every program needs every expert's
+# count before it can place a slot): count the expert's slots; then pad the counts to block_m,
+# take their running sum for the expert's first row, and place its slots there in slot order
+# (the rank of a slot is a running sum over the slots that chose this expert), the same order
+# as a stable sort by expert. At decode sizes it replaces some twenty small PyTorch kernels
+# (argsort, scatters, cumsums, searchsorted).
+ALIGN_CHUNK = 1024  # slots per step of a program's loop
+ALIGN_WARPS = 4
+
+
+@triton.jit
+def _count_kernel(ids_ptr, num_slots, counts_ptr, CHUNK: tl.constexpr):
+    expert = tl.program_id(0)
+    count = tl.zeros([CHUNK], dtype=tl.int32)
+    for start in range(0, num_slots, CHUNK):
+        slot = start + tl.arange(0, CHUNK)
+        count += (tl.load(ids_ptr + slot, mask=slot < num_slots, other=-1) == expert).to(tl.int32)
+    tl.store(counts_ptr + expert, tl.sum(count, axis=0))
+
+
+@triton.jit
+def _place_kernel(
+    ids_ptr, num_slots, counts_ptr, num_experts, capacity,
+    sorted_slots_ptr,  # int32 [capacity]
+    block_expert_ptr,  # int32 [capacity / BLOCK_M]
+    BLOCK_M: tl.constexpr,
+    PAD_ROWS: tl.constexpr,  # a power of two >= BLOCK_M
+    BLOCK_E: tl.constexpr,  # a power of two >= num_experts
+    CHUNK: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + experts, mask=experts < num_experts, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    mine = experts == expert
+    end = tl.sum(tl.where(mine, ends, 0), axis=0)
+    start = end - tl.sum(tl.where(mine, padded, 0), axis=0)
+    count = tl.sum(tl.where(mine, counts, 0), axis=0)
+    placed = start
+    for first in range(0, num_slots, CHUNK):
+        slot = first + tl.arange(0, CHUNK)
+        hit = tl.load(ids_ptr + slot, mask=slot < num_slots, other=-1) == expert
+        row = placed + tl.cumsum(hit.to(tl.int32), axis=0) - 1
+        tl.store(sorted_slots_ptr + row, slot.to(tl.int32), mask=hit)
+        placed += tl.sum(hit.to(tl.int32), axis=0)
+    pad = start + count + tl.arange(0, PAD_ROWS)  # fewer than BLOCK_M rows
+    tl.store(sorted_slots_ptr + pad, tl.full([PAD_ROWS], 0, tl.int32) + num_slots, mask=pad < end)
+    for block in range(start // BLOCK_M, end // BLOCK_M, CHUNK):
+        blocks = block + tl.arange(0, CHUNK)
+        tl.store(block_expert_ptr + blocks, tl.full([CHUNK], 0, tl.int32) + expert, mask=blocks < end // BLOCK_M)
+    if expert == 0:  # the rows and blocks past every expert's
+        total = tl.sum(padded, axis=0)
+        for row in range(total, capacity, CHUNK):
+            rows = row + tl.arange(0, CHUNK)
+            tl.store(sorted_slots_ptr + rows, tl.full([CHUNK], 0, tl.int32) + num_slots, mask=rows < capacity)
+        for block in range(total // BLOCK_M, capacity // BLOCK_M, CHUNK):
+            blocks = block + tl.arange(0, CHUNK)
+            tl.store(block_expert_ptr + blocks, tl.full([CHUNK], -1, tl.int32), mask=blocks < capacity // BLOCK_M)
 
 
 @triton.jit
@@ -200,8 +281,43 @@ def _down_kernel(
     tl.store(out_ptr + slots[:, None].to(tl.int64) * H + cols[None, :], y, mask=valid[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _combine_kernel(
+    slot_out_ptr,  # fp32 [S, H]; rows of slots routed outside [0, E) are never written
+    ids_ptr,  # [S]
+    out_ptr,  # [N, H]
+    H, num_experts,
+    TOP_K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """out[n] = sum over k of slot_out[n * K + k], in k order, fp32, rounded once."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < H
+    total = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        slot = n * TOP_K + k
+        expert = tl.load(ids_ptr + slot + tl.zeros([BLOCK_H], dtype=tl.int32))  # the slot's expert, in every lane
+        routed = col_ok & (expert >= 0) & (expert < num_experts)
+        total += tl.load(slot_out_ptr + slot * H + cols, mask=routed, other=0.0)
+    tl.store(out_ptr + n * H + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+COMBINE_COLUMNS = 1024
+
+
 def _block(size: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(size)))  # tl.dot wants every dim >= 16
+
+
+# GEMM tiles by rows per program: (BLOCK_N, BLOCK_K, pipeline stages). Swept on an H200 at
+# LLaDA-MoE's experts (hidden 2048, inner 1024, 64 experts, top 8), bf16: at 32 tokens (16 rows)
+# K tiles of 128 over 2 stages took gate_up from 134.7 to 124.6 us and down from 69.7 to 67.1 us;
+# at 512 tokens (64 rows) 128-column tiles took down from 103.5 to 97.0 us
+# (bench/results/moe-align-tiles-h200.log).
+GATE_UP_TILES = {16: (64, 128, 2), 64: (64, 64, 3)}
+DOWN_TILES = {16: (64, 128, 2), 64: (128, 64, 3)}
+DEFAULT_TILES = (64, 64, 3)
 
 
 def moe_block_m(num_slots: int) -> int:
@@ -258,20 +374,29 @@ def _fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
     slot_weights = weights.reshape(-1).float()
 
     act = torch.empty(P, I, dtype=x.dtype, device=x.device)
-    block_n, block_k = _block(I, 64), _block(H, 64)
+    block_n, block_k, stages = GATE_UP_TILES.get(block_m, DEFAULT_TILES)
+    block_n, block_k = _block(I, block_n), _block(H, block_k)
     _gate_up_kernel[(P // block_m, triton.cdiv(I, block_n))](
         x, x.stride(0), x.stride(1), w13, w13.stride(0), w13.stride(1), w13.stride(2),
         act, sorted_slots, block_expert, H, I, K, S,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, WIDEN=widen, num_warps=4,
+        num_stages=stages,
     )
-    slot_out = torch.zeros(S, H, dtype=torch.float32, device=x.device)
-    block_n, block_k = _block(H, 64), _block(I, 64)
+    slot_out = torch.empty(S, H, dtype=torch.float32, device=x.device)  # routed rows only: the sum masks the rest
+    block_n, block_k, stages = DOWN_TILES.get(block_m, DEFAULT_TILES)
+    block_n, block_k = _block(H, block_n), _block(I, block_k)
     _down_kernel[(P // block_m, triton.cdiv(H, block_n))](
         act, w2, w2.stride(0), w2.stride(1), w2.stride(2),
         slot_out, sorted_slots, block_expert, slot_weights, H, I, S,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, WIDEN=widen, num_warps=4,
+        num_stages=stages,
     )
-    return slot_out.view(N, K, H).sum(dim=1).to(x.dtype)
+    out = torch.empty(N, H, dtype=x.dtype, device=x.device)
+    block_h = min(COMBINE_COLUMNS, triton.next_power_of_2(H))
+    _combine_kernel[(N, triton.cdiv(H, block_h))](
+        slot_out, ids.reshape(-1), out, H, E, TOP_K=K, BLOCK_H=block_h, num_warps=4,
+    )
+    return out
 
 
 @_fused_moe_op.register_fake

@@ -4,8 +4,10 @@ graph-recordable form."""
 import pytest
 import torch
 
+from difuse.patterns import moe
 from difuse.patterns.moe import (
-    align_by_expert, fused_moe, moe_bytes, moe_dense_reference, moe_sorted_reference, padded_capacity,
+    align_by_expert, align_by_expert_reference, fused_moe, moe_bytes, moe_dense_reference, moe_sorted_reference,
+    padded_capacity,
 )
 from difuse.patterns.moe_router import softmax_topk_router
 
@@ -66,8 +68,9 @@ def test_fused_moe_expert_shards_sum_to_the_whole(device):
         torch.testing.assert_close(part, moe_dense_reference(x, *shard, weights, ids - first), atol=1e-5, rtol=1e-5)
 
 
-def test_align_by_expert_groups_and_pads():
-    ids = torch.tensor([[2, 0], [2, 1], [0, 2], [2, 7], [-1, 2]])  # 7 and -1: not on this shard
+@pytest.mark.gpu
+def test_align_by_expert_groups_and_pads(device):
+    ids = torch.tensor([[2, 0], [2, 1], [0, 2], [2, 7], [-1, 2]], device=device)  # 7 and -1: not on this shard
     block_m = 4
     slots, block_expert = align_by_expert(ids, num_experts=3, block_m=block_m)
     S = ids.numel()
@@ -85,6 +88,27 @@ def test_align_by_expert_groups_and_pads():
         seen += real
     assert sorted(seen) == [s for s in range(S) if 0 <= flat[s] < 3]
     assert block_expert.tolist() == [0, 1, 2, 2, -1]  # expert 2 has 5 slots: two blocks; 10 + 3 * 3 rows -> 5 blocks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens, top_k, experts, block_m", [
+    (32, 8, 64, 16),  # a decode block of LLaDA-MoE: 256 slots, one chunk
+    (300, 3, 7, 16),  # 900 slots over 7 experts: several chunks, experts not a power of two
+    (6, 2, 40, 64),  # more experts than slots: most get none
+    (1, 2, 5, 16),
+])
+@pytest.mark.parametrize("chunk", [64, moe.ALIGN_CHUNK])
+def test_align_kernel_matches_stable_sort(device, monkeypatch, tokens, top_k, experts, block_m, chunk):
+    """The counting sort gives exactly the rows of a stable argsort by expert, foreign ids
+    (another shard's, or negative) placed nowhere; a small chunk takes several loop steps."""
+    monkeypatch.setattr(moe, "ALIGN_CHUNK", chunk)
+    generator = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(-2, experts + 3, (tokens, top_k), generator=generator).to(device)
+    for id_dtype in (torch.int64, torch.int32):
+        slots, block_expert = align_by_expert(ids.to(id_dtype), experts, block_m)
+        expected_slots, expected_blocks = align_by_expert_reference(ids, experts, block_m)
+        assert torch.equal(slots.cpu(), expected_slots.cpu())
+        assert torch.equal(block_expert.cpu(), expected_blocks.cpu())
 
 
 def test_fused_moe_rejects_bad_input():
