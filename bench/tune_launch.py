@@ -2,10 +2,11 @@
 PROGRAMS_PER_SM, NUM_WARPS, NUM_STAGES), patterns.rope (TILE_VALUES, VALUES_PER_WARP, ...,
 shared by rope, rope_kv_write and their QK-norm forms; NORM_TILE_VALUES is qk_norm_rope's tile),
 patterns.linear (BLOCK_N, BLOCK_K, NUM_STAGES, SPLITS_UNTIL_PROGRAMS), patterns.rms_norm
-(ROW_VALUES, VALUES_PER_WARP, shared by rms_norm and add_rms_norm) and patterns.swiglu (MAX_BLOCK,
-VALUES_PER_WARP), with torch.compile of the reference alongside.
+(ROW_VALUES, VALUES_PER_WARP, shared by rms_norm and add_rms_norm), patterns.swiglu (MAX_BLOCK,
+VALUES_PER_WARP) and patterns.moe (BLOCK_M_FEW, BLOCK_K_FEW, STAGES_FEW, ..._MANY: the grouped
+GEMMs' rows per program and tiles), with torch.compile of the reference alongside.
 
-    python -m bench.tune_launch [attention] [rope] [linear] [norm] [swiglu]   # CUDA: ~3 minutes each on an H100
+    python -m bench.tune_launch [attention] [rope] [linear] [norm] [swiglu] [moe]   # CUDA: ~3 minutes each on an H100
     python -m bench.tune_launch --quick              # tiny shapes, two settings; the CPU interpreter works
     python -m bench.tune_launch linear --grid "BLOCK_K=64,128 NUM_STAGES=3,4"   # a grid of your own
 
@@ -25,7 +26,8 @@ import triton
 
 from bench.kernels import _cache_write_case, _time_cpu, graph_us, rotated_inputs
 from difuse.fusion.launch import serial_launches
-from difuse.patterns import _rows, add_rms_norm, attention, kv_write, linear, qk_norm, rms_norm, rope, swiglu
+from difuse.patterns import _rows, add_rms_norm, attention, kv_write, linear, moe, qk_norm, rms_norm, rope, swiglu
+from difuse.patterns.moe_router import softmax_topk_router
 
 
 def _graph_us(fn, sets) -> float:
@@ -46,8 +48,13 @@ def parse_grid(text: str) -> dict:
     return grid
 
 
+def _forget_plans(module) -> None:
+    if hasattr(module, "_PLANS"):  # plans hold the launch shape
+        module._PLANS = _rows.PlanCache()
+
+
 def sweep(title: str, fused, reference, args: tuple, module, grid: dict, nbytes: int,
-          others: dict | None = None) -> None:
+          others: dict | None = None, compile_reference: bool = True) -> None:
     """Time `fused` under every combination of the module constants in `grid`, then restore them.
     `others`: more baselines (name -> function of args) timed alongside eager and compile."""
     if GRID_OVERRIDE is not None:
@@ -58,8 +65,9 @@ def sweep(title: str, fused, reference, args: tuple, module, grid: dict, nbytes:
     cuda = torch.cuda.is_available()
     sets = rotated_inputs(args, 4 * torch.cuda.get_device_properties(0).L2_cache_size) if cuda else [args]
     baseline = f"eager {_graph_us(reference, sets):.2f} us"
-    if cuda:
+    if cuda and compile_reference:
         baseline += f", compile {_graph_us(torch.compile(reference, dynamic=False), sets):.2f} us"
+    if cuda:
         baseline += "".join(f", {name} {_graph_us(fn, sets):.2f} us" for name, fn in (others or {}).items())
     print(f"== {title}: {baseline}", flush=True)
     defaults = {name: getattr(module, name) for name in grid}
@@ -68,7 +76,7 @@ def sweep(title: str, fused, reference, args: tuple, module, grid: dict, nbytes:
         setting = dict(zip(grid, values))
         for name, value in setting.items():
             setattr(module, name, value)
-        module._PLANS = _rows.PlanCache()  # plans hold the launch shape
+        _forget_plans(module)
         us = _graph_us(fused, sets)
         if math.isnan(us):  # did not compile or launch, e.g. more shared memory than an SM has
             failed += 1
@@ -76,7 +84,7 @@ def sweep(title: str, fused, reference, args: tuple, module, grid: dict, nbytes:
             results.append((us, setting))
     for name, value in defaults.items():
         setattr(module, name, value)
-    module._PLANS = _rows.PlanCache()
+    _forget_plans(module)
     ranked = sorted(results, key=lambda r: r[0])
     shown = ranked[:6] + [r for r in ranked[6:] if r[1] == defaults]
     for us, setting in shown:
@@ -171,10 +179,36 @@ def tune_swiglu(quick: bool, opts: dict) -> None:
               swiglu, grid, swiglu.swiglu_packed_bytes(gate_up))
 
 
+def tune_moe(quick: bool, opts: dict) -> None:
+    """Routed experts at LLaDA-MoE's shapes (hidden 2048, inner 1024, 64 experts, top 8) over one
+    decode block (32 tokens) and sixteen (512), routed two ways: spread over most experts, and
+    skewed onto about twelve, as bench.step's random-weight model routes. Against the dense
+    PyTorch form (every expert on every token); no compiled baseline (64 experts unrolled)."""
+    hidden, inner, experts, top_k = (32, 16, 8, 2) if quick else (2048, 1024, 64, 8)
+    generator = torch.Generator().manual_seed(0)
+    w13 = (torch.randn(experts, 2 * inner, hidden, generator=generator) / hidden**0.5).to(**opts)
+    w2 = (torch.randn(experts, hidden, inner, generator=generator) / inner**0.5).to(**opts)
+    for tokens in (5,) if quick else (32, 512):
+        if quick:
+            grid = dict(BLOCK_M_FEW=[16, 32])
+        elif tokens * top_k <= moe.FEW_SLOTS:
+            grid = dict(BLOCK_M_FEW=[16, 32, 64], BLOCK_K_FEW=[64, 128], STAGES_FEW=[2, 3])
+        else:
+            grid = dict(BLOCK_M_MANY=[32, 64, 128], DOWN_BLOCK_N_MANY=[64, 128], STAGES_MANY=[3, 4])
+        x = torch.randn(tokens, hidden, generator=generator).to(**opts)
+        for routing, skew in (("spread", 0.0), ("skewed", 6.0)):
+            logits = torch.randn(tokens, experts, generator=generator) + skew * torch.randn(experts, generator=generator)
+            weights, ids = softmax_topk_router(logits.to(opts["device"]), top_k)
+            args = (x, w13, w2, weights, ids)
+            hit = torch.unique(ids).numel()
+            sweep(f"moe {tokens}x{hidden} {routing}, {hit} of {experts} experts", moe.fused_moe,
+                  moe.moe_dense_reference, args, moe, grid, moe.moe_bytes(*args), compile_reference=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tuners = {"attention": tune_attention, "rope": tune_rope, "linear": tune_linear, "norm": tune_norm,
-              "swiglu": tune_swiglu}
+              "swiglu": tune_swiglu, "moe": tune_moe}
     parser.add_argument("kernels", nargs="*", help=f"any of {', '.join(tuners)} (default: all)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--linear-rows", default="32,128", help="comma-separated token rows of the linear sweep")

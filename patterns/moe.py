@@ -310,19 +310,27 @@ def _block(size: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(size)))  # tl.dot wants every dim >= 16
 
 
-# GEMM tiles by rows per program: (BLOCK_N, BLOCK_K, pipeline stages). Swept on an H200 at
-# LLaDA-MoE's experts (hidden 2048, inner 1024, 64 experts, top 8), bf16: at 32 tokens (16 rows)
-# K tiles of 128 over 2 stages took gate_up from 134.7 to 124.6 us and down from 69.7 to 67.1 us;
-# at 512 tokens (64 rows) 128-column tiles took down from 103.5 to 97.0 us
-# (bench/results/moe-align-tiles-h200.log).
-GATE_UP_TILES = {16: (64, 128, 2), 64: (64, 64, 3)}
-DOWN_TILES = {16: (64, 128, 2), 64: (128, 64, 3)}
-DEFAULT_TILES = (64, 64, 3)
+# Launch shape of the grouped GEMMs, by how many token-expert slots there are. Up to FEW_SLOTS
+# (decode-sized blocks) they stream expert weights: small row blocks keep padding low. Swept on
+# an H200 at LLaDA-MoE's experts (hidden 2048, inner 1024, 64 experts, top 8), bf16, 4 warps: at
+# 32 tokens K tiles of 128 over 2 stages took gate_up from 134.7 to 124.6 us and down from 69.7
+# to 67.1 us; at 512 tokens 128-column tiles took down from 103.5 to 97.0 us
+# (bench/results/moe-align-tiles-h200.log). `python -m bench.tune_launch moe` sweeps them.
+FEW_SLOTS = 1024
+BLOCK_M_FEW, BLOCK_N_FEW, BLOCK_K_FEW, STAGES_FEW = 16, 64, 128, 2
+BLOCK_M_MANY, GATE_UP_BLOCK_N_MANY, DOWN_BLOCK_N_MANY, BLOCK_K_MANY, STAGES_MANY = 64, 64, 128, 64, 3
 
 
 def moe_block_m(num_slots: int) -> int:
-    """Rows per program: small blocks keep padding low at decode-sized token counts."""
-    return 16 if num_slots <= 1024 else 64
+    """Rows per program of the grouped GEMMs."""
+    return BLOCK_M_FEW if num_slots <= FEW_SLOTS else BLOCK_M_MANY
+
+
+def _gemm_tiles(num_slots: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(BLOCK_N, BLOCK_K, stages) of the gate_up and of the down kernel."""
+    if num_slots <= FEW_SLOTS:
+        return (BLOCK_N_FEW, BLOCK_K_FEW, STAGES_FEW), (BLOCK_N_FEW, BLOCK_K_FEW, STAGES_FEW)
+    return (GATE_UP_BLOCK_N_MANY, BLOCK_K_MANY, STAGES_MANY), (DOWN_BLOCK_N_MANY, BLOCK_K_MANY, STAGES_MANY)
 
 
 def _check(x, w13, w2, weights, ids):
@@ -374,7 +382,8 @@ def _fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
     slot_weights = weights.reshape(-1).float()
 
     act = torch.empty(P, I, dtype=x.dtype, device=x.device)
-    block_n, block_k, stages = GATE_UP_TILES.get(block_m, DEFAULT_TILES)
+    gate_up_tiles, down_tiles = _gemm_tiles(S)
+    block_n, block_k, stages = gate_up_tiles
     block_n, block_k = _block(I, block_n), _block(H, block_k)
     _gate_up_kernel[(P // block_m, triton.cdiv(I, block_n))](
         x, x.stride(0), x.stride(1), w13, w13.stride(0), w13.stride(1), w13.stride(2),
@@ -383,7 +392,7 @@ def _fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
         num_stages=stages,
     )
     slot_out = torch.empty(S, H, dtype=torch.float32, device=x.device)  # routed rows only: the sum masks the rest
-    block_n, block_k, stages = DOWN_TILES.get(block_m, DEFAULT_TILES)
+    block_n, block_k, stages = down_tiles
     block_n, block_k = _block(H, block_n), _block(I, block_k)
     _down_kernel[(P // block_m, triton.cdiv(H, block_n))](
         act, w2, w2.stride(0), w2.stride(1), w2.stride(2),

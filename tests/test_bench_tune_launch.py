@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench import tune_launch
-from difuse.patterns import linear, rms_norm, rope, swiglu
+from difuse.patterns import linear, moe, rms_norm, rope, swiglu
 
 
 def test_parse_grid_reads_names_and_numbers():
@@ -33,6 +33,7 @@ def test_a_grid_naming_an_unknown_constant_stops_with_its_name():
 @pytest.mark.parametrize("kernel, module, setting, titles", [
     ("norm", rms_norm, "ROW_VALUES=32", ("== rms_norm 5x64", "== add_rms_norm 5x64")),
     ("swiglu", swiglu, "VALUES_PER_WARP=32", ("== swiglu 5x96", "== swiglu_packed 5x192")),
+    ("moe", moe, "BLOCK_M_FEW=32", ("== moe 5x32 spread", "== moe 5x32 skewed")),
     ("rope", rope, "NORM_TILE_VALUES=1024", ("== rope 5x4x32", "== rope_kv_write 5x4x32", "== qk_norm_rope 5x4x32",
                                             "== qk_norm_rope_kv_write 5x4x32")),
 ])
