@@ -3,9 +3,9 @@
     python -m bench.moe            # CUDA: LLaDA-MoE-7B and LLaDA2.0-mini expert shapes, bf16
     python -m bench.moe --quick    # tiny shapes; on CPU the kernels run under the Triton interpreter
 
-For every (model shape, token count): median microseconds of fused_moe, moe_sorted_reference
-(one GEMM pair per routed expert, host sync per call) and moe_dense_reference (every expert on
-every token), launched from Python; on CUDA also the fused and dense paths inside a CUDA graph
+For every (model shape, token count, routing: spread over the experts or skewed onto a few):
+median microseconds of fused_moe, moe_sorted_reference (one GEMM pair per routed expert, host
+sync per call) and moe_dense_reference (every expert on every token), launched from Python; on CUDA also the fused and dense paths inside a CUDA graph
 (as a captured denoise step runs them; the sorted path cannot be captured). Achieved GB/s use one
 bytes model for all three: the weights of the distinct experts actually routed to plus the
 activations and routing tensors (difuse.patterns.moe.moe_bytes), next to the device's measured
@@ -33,6 +33,9 @@ SHAPES = {"llada_moe_7b": (64, 8, 2048, 1024), "llada2_mini": (256, 8, 2048, 512
 QUICK_SHAPES = {"tiny": (4, 2, 64, 32)}
 TOKENS = [32, 128, 512, 2048]  # one block of 32 at batch 1, 4, 16, 64
 QUICK_TOKENS = [7]
+# Router logits plus this times a per-expert bias: "spread" reaches most experts, "skewed" about
+# twelve of 64 at 32 tokens, as bench.step's random-weight LLaDA-MoE routes (11.4 a layer).
+ROUTINGS = {"spread": 0.0, "skewed": 6.0}
 
 
 def _time_us(fn, cuda: bool, graph: bool = False) -> float:
@@ -58,19 +61,20 @@ def copy_bandwidth_gbs(device: str) -> float:
     return 2 * n * 4 / us / 1e3
 
 
-def run_case(name, experts, top_k, hidden, inner, tokens, dtype, device) -> dict:
+def run_case(name, experts, top_k, hidden, inner, tokens, routing, dtype, device) -> dict:
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(tokens, hidden, device=device, dtype=dtype, generator=generator)
     w13 = torch.randn(experts, 2 * inner, hidden, device=device, dtype=dtype, generator=generator) / hidden**0.5
     w2 = torch.randn(experts, hidden, inner, device=device, dtype=dtype, generator=generator) / inner**0.5
     logits = torch.randn(tokens, experts, device=device, generator=generator)
+    logits += ROUTINGS[routing] * torch.randn(experts, device=device, generator=generator)
     weights, ids = softmax_topk_router(logits, top_k)
     args = (x, w13, w2, weights, ids)
     tol = 4e-2 if dtype == torch.bfloat16 else 4e-3
     torch.testing.assert_close(fused_moe(*args).float(), moe_sorted_reference(*args).float(), atol=tol, rtol=tol)
     cuda = device == "cuda"
     nbytes = moe_bytes(*args)
-    row = {"shape": name, "tokens": tokens, "experts": experts, "top_k": top_k, "hidden": hidden, "inner": inner,
+    row = {"shape": name, "tokens": tokens, "routing": routing, "experts": experts, "top_k": top_k, "hidden": hidden, "inner": inner,
            "dtype": str(dtype).removeprefix("torch."), "experts_hit": int(torch.unique(ids).numel()), "bytes": nbytes}
     timings = {"fused_us": lambda: fused_moe(*args), "sorted_us": lambda: moe_sorted_reference(*args),
                "dense_us": lambda: moe_dense_reference(*args)}
@@ -94,13 +98,14 @@ def main(argv: list[str] | None = None) -> None:
     shapes, token_counts = (QUICK_SHAPES, QUICK_TOKENS) if args.quick else (SHAPES, TOKENS)
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     copy_gbs = copy_bandwidth_gbs(device)
-    rows = [run_case(name, *shape, tokens, dtype, device) for name, shape in shapes.items() for tokens in token_counts]
+    rows = [run_case(name, *shape, tokens, routing, dtype, device)
+            for name, shape in shapes.items() for tokens in token_counts for routing in ROUTINGS]
 
     print(f"device: {device_name}; measured copy bandwidth {copy_gbs:.0f} GB/s")
     columns = ["fused", "sorted", "dense"] + (["fused_graph", "dense_graph"] if device == "cuda" else [])
-    print(f"{'shape':<14}{'tokens':>7}{'hit':>5}" + "".join(f"{c + ' us':>16}{'GB/s':>8}" for c in columns))
+    print(f"{'shape':<14}{'tokens':>7}{'routing':>8}{'hit':>5}" + "".join(f"{c + ' us':>16}{'GB/s':>8}" for c in columns))
     for row in rows:
-        print(f"{row['shape']:<14}{row['tokens']:>7}{row['experts_hit']:>5}"
+        print(f"{row['shape']:<14}{row['tokens']:>7}{row['routing']:>8}{row['experts_hit']:>5}"
               + "".join(f"{row[c + '_us']:>16.1f}{row[c + '_gbs']:>8.0f}" for c in columns))
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"moe-{device_name.replace(' ', '_')}"

@@ -10,4 +10,5 @@ def test_bench_moe_quick(tmp_path, monkeypatch, capsys):
     (result,) = tmp_path.glob("moe-*.json")
     rows = json.loads(result.read_text())["rows"]
     assert rows and all(row["fused_us"] > 0 and row["bytes"] > 0 for row in rows)
+    assert {row["routing"] for row in rows} == set(bench.moe.ROUTINGS)
     assert "fused us" in capsys.readouterr().out
