@@ -5,11 +5,11 @@
 
 For every (model shape, token count, routing: spread over the experts or skewed onto a few):
 median microseconds of fused_moe, moe_sorted_reference (one GEMM pair per routed expert, host
-sync per call) and moe_dense_reference (every expert on every token), launched from Python; on CUDA also the fused and dense paths inside a CUDA graph
-(as a captured denoise step runs them; the sorted path cannot be captured). Achieved GB/s use one
-bytes model for all three: the weights of the distinct experts actually routed to plus the
-activations and routing tensors (difuse.patterns.moe.moe_bytes), next to the device's measured
-copy bandwidth. Each fused result is checked against the sorted reference before it is timed.
+sync per call) and moe_dense_reference (every expert on every token), launched from Python; on
+CUDA also the fused and dense paths inside a CUDA graph (as a captured denoise step runs them;
+the sorted path cannot be captured). Achieved GB/s use one bytes model for all three: the
+weights of the distinct experts actually routed to plus the activations and routing tensors
+(difuse.patterns.moe.moe_bytes), next to the device's measured copy bandwidth. Each fused result is checked against the sorted reference before it is timed.
 Writes bench/results/moe-<device>.{csv,json}.
 """
 from __future__ import annotations
@@ -74,8 +74,8 @@ def run_case(name, experts, top_k, hidden, inner, tokens, routing, dtype, device
     torch.testing.assert_close(fused_moe(*args).float(), moe_sorted_reference(*args).float(), atol=tol, rtol=tol)
     cuda = device == "cuda"
     nbytes = moe_bytes(*args)
-    row = {"shape": name, "tokens": tokens, "routing": routing, "experts": experts, "top_k": top_k, "hidden": hidden, "inner": inner,
-           "dtype": str(dtype).removeprefix("torch."), "experts_hit": int(torch.unique(ids).numel()), "bytes": nbytes}
+    row = {"shape": name, "tokens": tokens, "routing": routing, "experts": experts, "top_k": top_k, "hidden": hidden,
+           "inner": inner, "dtype": str(dtype).removeprefix("torch."), "experts_hit": int(torch.unique(ids).numel()), "bytes": nbytes}
     timings = {"fused_us": lambda: fused_moe(*args), "sorted_us": lambda: moe_sorted_reference(*args),
                "dense_us": lambda: moe_dense_reference(*args)}
     for key, fn in timings.items():
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"device: {device_name}; measured copy bandwidth {copy_gbs:.0f} GB/s")
     columns = ["fused", "sorted", "dense"] + (["fused_graph", "dense_graph"] if device == "cuda" else [])
-    print(f"{'shape':<14}{'tokens':>7}{'routing':>8}{'hit':>5}" + "".join(f"{c + ' us':>16}{'GB/s':>8}" for c in columns))
+    print(f"{'shape':<14}{'tokens':>7}{'routing':>8}{'hit':>5}"
+          + "".join(f"{c + ' us':>16}{'GB/s':>8}" for c in columns))
     for row in rows:
         print(f"{row['shape']:<14}{row['tokens']:>7}{row['routing']:>8}{row['experts_hit']:>5}"
               + "".join(f"{row[c + '_us']:>16.1f}{row[c + '_gbs']:>8.0f}" for c in columns))

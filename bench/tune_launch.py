@@ -197,7 +197,8 @@ def tune_moe(quick: bool, opts: dict) -> None:
             grid = dict(BLOCK_M_MANY=[32, 64, 128], DOWN_BLOCK_N_MANY=[64, 128], STAGES_MANY=[3, 4])
         x = torch.randn(tokens, hidden, generator=generator).to(**opts)
         for routing, skew in (("spread", 0.0), ("skewed", 6.0)):
-            logits = torch.randn(tokens, experts, generator=generator) + skew * torch.randn(experts, generator=generator)
+            bias = skew * torch.randn(experts, generator=generator)  # favoured experts
+            logits = torch.randn(tokens, experts, generator=generator) + bias
             weights, ids = softmax_topk_router(logits.to(opts["device"]), top_k)
             args = (x, w13, w2, weights, ids)
             hit = torch.unique(ids).numel()
