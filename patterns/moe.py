@@ -143,8 +143,9 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int):
 # count before it can place a slot): count the expert's slots; then pad the counts to block_m,
 # take their running sum for the expert's first row, and place its slots there in slot order
 # (the rank of a slot is a running sum over the slots that chose this expert), the same order
-# as a stable sort by expert. At decode sizes it replaces some twenty small PyTorch kernels
-# (argsort, scatters, cumsums, searchsorted).
+# as a stable sort by expert. It replaces some twenty small PyTorch kernels (argsort, scatters,
+# cumsums, searchsorted): 3.9 against 83.2 us at 256 slots, 22.7 against 140.6 us at 16384 on an
+# H200 (bench/results/moe-align-tiles-h200.log).
 ALIGN_CHUNK = 1024  # slots per step of a program's loop
 ALIGN_WARPS = 4
 
