@@ -92,8 +92,8 @@ def test_align_by_expert_groups_and_pads(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens, top_k, experts, block_m", [
-    (32, 8, 64, 16),  # a decode block of LLaDA-MoE: 256 slots, one chunk
-    (300, 3, 7, 16),  # 900 slots over 7 experts: several chunks, experts not a power of two
+    (32, 8, 64, 16),  # a decode block of LLaDA-MoE: 256 slots
+    (300, 3, 7, 16),  # 900 slots over 7 experts, not a power of two
     (6, 2, 40, 64),  # more experts than slots: most get none
     (1, 2, 5, 16),
 ])
