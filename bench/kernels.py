@@ -35,6 +35,7 @@ import torch
 import triton
 
 from difuse.fusion.launch import serial_launches
+from difuse.fusion.scheduler import replica
 
 from difuse.patterns import add_rms_norm as add_rms_norm_mod
 from difuse.patterns import attention, confidence, kv_write, linear, qk_norm, rms_norm, rope, swiglu
@@ -206,10 +207,12 @@ def rotated_inputs(args: tuple, min_bytes: int, max_copies: int = 512) -> list[t
     """args and copies of it whose tensors together hold at least min_bytes (up to max_copies sets).
     Calling a kernel on the sets in turn makes each call read its inputs from HBM, not from an L2
     cache still holding them from the previous replay. The cap keeps graph capture quick; it binds
-    only below ~400 KB per set (e.g. 32 x 2048 rows), where 512 sets still exceed an H100's L2."""
+    only below ~400 KB per set (e.g. 32 x 2048 rows), where 512 sets still exceed an H100's L2.
+    Copies keep the strides of views (a step's k and v are column slices of the fused QKV output):
+    a clone would make them contiguous, and every set but the first would time another layout."""
     size = sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
     copies = min(max_copies, max(1, -(-min_bytes // max(size, 1))))
-    return [args] + [tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    return [args] + [tuple(replica(a) if isinstance(a, torch.Tensor) else a for a in args)
                      for _ in range(copies - 1)]
 
 
@@ -303,10 +306,7 @@ def run(quick: bool, compile_baseline: bool, only: list[str] | None, rows_only: 
         if device == "cuda":
             timings = {provider: _time_cuda(fn, sets) for provider, fn in providers.items()}
             # A second graph pass in the opposite order, keeping each provider's faster pass, so the
-            # order favours none. (Order does not explain rope_kv_write at 4096 rows being behind
-            # torch.compile here and at times ahead in tune_launch: three fresh tune_launch processes
-            # on one H200 put it steadily 4% behind, the leads coming with slower torch.compile runs;
-            # bench/results/rope-4096-three-processes-h200.log.)
+            # order favours none.
             for provider in reversed(list(providers)):
                 us, us_graph, us_host = timings[provider]
                 timings[provider] = (us, min(us_graph, graph_us(providers[provider], sets)), us_host)

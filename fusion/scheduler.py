@@ -377,7 +377,7 @@ class FusionScheduler:
         written = {n for i in g.nodes for n in graph.nodes[i].mutates}
 
         def make_inputs(distinct: bool = False) -> list:
-            return [_replica(values[n]) if distinct or n in written else values[n] for n in g.inputs]
+            return [replica(values[n]) if distinct or n in written else values[n] for n in g.inputs]
 
         if g.kind == "pattern":
             params = self._pattern_params(g, args, graph)
@@ -530,7 +530,7 @@ def _tensor_signature(graph: SubGraph, args: tuple) -> tuple:
                  else (pos, type(a).__name__) for pos, a in enumerate(args))
 
 
-def _replica(t: torch.Tensor) -> torch.Tensor:
+def replica(t: torch.Tensor) -> torch.Tensor:
     """A copy with t's sizes, strides and storage offset (in fresh storage of the same size):
     compiled launchers bake strides in, and Triton specialises on pointer alignment, so a plain
     .clone() of a view with gaps would be read with the wrong layout."""

@@ -23,3 +23,15 @@ def test_a_partial_run_takes_the_rows_asked_for(tmp_path, monkeypatch):
 def test_bad_row_counts_are_refused(rows):
     with pytest.raises(SystemExit):
         kernels.main(["--quick", "--rows", rows])
+
+
+def test_rotated_copies_keep_the_layout_of_views():
+    import torch
+
+    qkv = torch.randn(1, 6, 9, 4)
+    k = qkv[:, :, 3:6]  # a column slice, as a step's keys: strides with gaps
+    sets = kernels.rotated_inputs((k, 0.5), min_bytes=3 * k.numel() * k.element_size())
+    assert len(sets) == 3
+    for copy, scale in sets[1:]:
+        assert copy.stride() == k.stride() and torch.equal(copy, k) and scale == 0.5
+        assert copy.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()

@@ -162,11 +162,11 @@ def test_kernel_that_syncs_the_host_is_rejected_in_graph_mode(tmp_path):
 
 
 def test_input_replicas_keep_the_layout_of_views():
-    from difuse.fusion.scheduler import _replica
+    from difuse.fusion.scheduler import replica
 
     base = torch.randn(2, 5, 3, 4)
     view = base.unbind(2)[1]  # strides with gaps, storage offset 4
-    copy = _replica(view)
+    copy = replica(view)
     assert copy.stride() == view.stride() and copy.storage_offset() == view.storage_offset()
     assert torch.equal(copy, view) and copy.untyped_storage().data_ptr() != view.untyped_storage().data_ptr()
 
