@@ -9,7 +9,8 @@ sync per call) and moe_dense_reference (every expert on every token), launched f
 CUDA also the fused and dense paths inside a CUDA graph (as a captured denoise step runs them;
 the sorted path cannot be captured). Achieved GB/s use one bytes model for all three: the
 weights of the distinct experts actually routed to plus the activations and routing tensors
-(difuse.patterns.moe.moe_bytes), next to the device's measured copy bandwidth. Each fused result is checked against the sorted reference before it is timed.
+(difuse.patterns.moe.moe_bytes), next to the device's measured copy bandwidth. Each fused result
+is checked against the sorted reference before it is timed.
 Writes bench/results/moe-<device>.{csv,json}.
 """
 from __future__ import annotations
@@ -75,7 +76,8 @@ def run_case(name, experts, top_k, hidden, inner, tokens, routing, dtype, device
     cuda = device == "cuda"
     nbytes = moe_bytes(*args)
     row = {"shape": name, "tokens": tokens, "routing": routing, "experts": experts, "top_k": top_k, "hidden": hidden,
-           "inner": inner, "dtype": str(dtype).removeprefix("torch."), "experts_hit": int(torch.unique(ids).numel()), "bytes": nbytes}
+           "inner": inner, "dtype": str(dtype).removeprefix("torch."),
+           "experts_hit": int(torch.unique(ids).numel()), "bytes": nbytes}
     timings = {"fused_us": lambda: fused_moe(*args), "sorted_us": lambda: moe_sorted_reference(*args),
                "dense_us": lambda: moe_dense_reference(*args)}
     for key, fn in timings.items():

@@ -25,6 +25,7 @@ import torch
 import triton
 
 from bench.kernels import _cache_write_case, _time_cpu, graph_us, rotated_inputs
+from bench.moe import ROUTINGS
 from difuse.fusion.launch import serial_launches
 from difuse.patterns import _rows, add_rms_norm, attention, kv_write, linear, moe, qk_norm, rms_norm, rope, swiglu
 from difuse.patterns.moe_router import softmax_topk_router
@@ -196,7 +197,7 @@ def tune_moe(quick: bool, opts: dict) -> None:
         else:
             grid = dict(BLOCK_M_MANY=[32, 64, 128], DOWN_BLOCK_N_MANY=[64, 128], STAGES_MANY=[3, 4])
         x = torch.randn(tokens, hidden, generator=generator).to(**opts)
-        for routing, skew in (("spread", 0.0), ("skewed", 6.0)):
+        for routing, skew in ROUTINGS.items():
             bias = skew * torch.randn(experts, generator=generator)  # favoured experts
             logits = torch.randn(tokens, experts, generator=generator) + bias
             weights, ids = softmax_topk_router(logits.to(opts["device"]), top_k)
