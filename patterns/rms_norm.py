@@ -52,6 +52,8 @@ def _rms_norm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,
+    LOAD_EVICTION: tl.constexpr,  # "evict_first" or "" (the default)
+    STORE_CACHE: tl.constexpr,  # ".cs" or ""
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -65,16 +67,17 @@ def _rms_norm_kernel(
     if NUM_CHUNKS == 1:
         cols = tl.arange(0, BLOCK_N)[None, :]
         mask = row_ok[:, None] & (cols < N)
-        x = tl.load(x_ptr + x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + x_row + cols, mask=mask, other=0.0, eviction_policy=LOAD_EVICTION).to(tl.float32)
         if HAS_RESIDUAL:
-            r = tl.load(r_ptr + r_row + cols, mask=mask, other=0.0).to(tl.float32)
+            r = tl.load(r_ptr + r_row + cols, mask=mask, other=0.0, eviction_policy=LOAD_EVICTION).to(tl.float32)
             hidden = (x + r).to(norm_ty)
-            tl.store(h_ptr + out_row + cols, hidden, mask=mask)
+            tl.store(h_ptr + out_row + cols, hidden, mask=mask, cache_modifier=STORE_CACHE)
             x = hidden.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)[:, None]
         w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
         normed = (x * rstd).to(norm_ty).to(tl.float32)
-        tl.store(y_ptr + out_row + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + out_row + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=mask,
+                 cache_modifier=STORE_CACHE)
     else:
         sum_sq = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for chunk in range(NUM_CHUNKS):
@@ -110,6 +113,14 @@ def _check_eps(eps) -> float:
 # bench.tune_launch norm sweeps both.
 ROW_VALUES = 2048
 VALUES_PER_WARP = 512
+# Whole-row programs read every value once and write it once, so their loads ask L2 to evict first
+# and their stores stream (.cs). On an H200 at 4096 rows RMSNorm took 17.1 instead of 18.0 us at
+# hidden 4096 and 8.8 instead of 9.3 at 2048, Add+RMSNorm 17.0 instead of 17.6 at 2048 (unchanged
+# at 4096); VALUES_PER_WARP 512 stayed best (bench/results/tune-norm-stream-hints-h200.log). With
+# these and SwiGLU's hints LLaDA-8B's step took (with vs without) 4.665 vs 4.667 ms at batch 1, 13.62 vs
+# 13.76 at 16, 51.85 vs 51.81 at 64 (bench/results/ab-llada-8b-*-stream-hints-h200.log): a consumer
+# still finds a small output in L2.
+STREAM_HINTS = True
 
 
 def _plan_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> tuple:
@@ -147,6 +158,7 @@ def _plan_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
         weight_copy=not weight.is_contiguous(), rows=xv.rows, N=N, grid=(cdiv(xv.rows, block_m),),
         constants=dict(HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                        NUM_CHUNKS=num_chunks, num_warps=max(1, min(16, block_m * block_n // VALUES_PER_WARP)),
+                       LOAD_EVICTION="evict_first" if STREAM_HINTS else "", STORE_CACHE=".cs" if STREAM_HINTS else "",
                        **early_launch_options(x.device)),
     )
     return out_dtype, norm_dtype, launch
