@@ -180,6 +180,12 @@ def early_launch(device: torch.device) -> bool:
     return is_nvidia_hopper_or_newer(device) and os.environ.get("DIFUSE_PDL", "1") != "0"
 
 
+def stream_hint_options(enabled: bool) -> dict:
+    """LOAD_EVICTION and STORE_CACHE of a kernel that reads each value once and writes it once:
+    loads ask L2 to evict them first and stores stream (.cs); both the defaults ("") when not enabled."""
+    return dict(LOAD_EVICTION="evict_first" if enabled else "", STORE_CACHE=".cs" if enabled else "")
+
+
 def early_launch_options(device: torch.device) -> dict:
     """Launch keywords of a kernel that calls wait_for_previous_kernel(PDL) before its first load or store."""
     enabled = early_launch(device) and not launching_serially()

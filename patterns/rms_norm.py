@@ -26,6 +26,7 @@ from difuse.patterns._rows import (  # noqa: E402
     early_launch_options,
     next_pow2,
     row_view,
+    stream_hint_options,
     tensor_key,
     wait_for_previous_kernel,
 )
@@ -158,8 +159,7 @@ def _plan_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
         weight_copy=not weight.is_contiguous(), rows=xv.rows, N=N, grid=(cdiv(xv.rows, block_m),),
         constants=dict(HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                        NUM_CHUNKS=num_chunks, num_warps=max(1, min(16, block_m * block_n // VALUES_PER_WARP)),
-                       LOAD_EVICTION="evict_first" if STREAM_HINTS else "", STORE_CACHE=".cs" if STREAM_HINTS else "",
-                       **early_launch_options(x.device)),
+                       **stream_hint_options(STREAM_HINTS), **early_launch_options(x.device)),
     )
     return out_dtype, norm_dtype, launch
 

@@ -30,6 +30,7 @@ from difuse.patterns._rows import (  # noqa: E402
     early_launch_options,
     next_pow2,
     row_view,
+    stream_hint_options,
     tensor_key,
     wait_for_previous_kernel,
 )
@@ -89,8 +90,8 @@ def _plan_swiglu(gate: torch.Tensor, up: torch.Tensor) -> tuple:
         gate_copy=gv.tensor is not gate, gate_layout=(gv.inner, gv.stride_outer, gv.stride_inner),
         up_copy=uv.tensor is not up, up_layout=(uv.inner, uv.stride_outer, uv.stride_inner),
         grid=(gv.rows * col_blocks,), sizes=(width, col_blocks),
-        constants=dict(BLOCK=block, num_warps=num_warps, LOAD_EVICTION="evict_first" if STREAM_HINTS else "",
-                       STORE_CACHE=".cs" if STREAM_HINTS else "", **early_launch_options(gate.device)))
+        constants=dict(BLOCK=block, num_warps=num_warps, **stream_hint_options(STREAM_HINTS),
+                       **early_launch_options(gate.device)))
 
 
 _PLANS = PlanCache()
