@@ -8,8 +8,9 @@ RoPE is rotate-half with frequencies in fp32; RMSNorm statistics in fp32; untied
 Logits are not shifted: position i predicts token i. Checkpoint names (prefix
 `model.transformer.`) are mapped in `checkpoint_map`; mind the traps there.
 """
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
+from difuse.models.hf_config import check_head_counts, check_special_tokens, config_from_hf
 from difuse.models.layers import Attention, DecoderLayer, DecoderModel, SwiGLUMLP
 from difuse.models.packing import Cat, Source
 
@@ -52,29 +53,17 @@ class LLaDAConfig:
             self.embedding_size = self.vocab_size
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        check_head_counts(self.n_heads, self.n_kv_heads)
         self.head_dim = self.d_model // self.n_heads
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
         if self.embedding_size < self.vocab_size:
             raise ValueError(f"embedding_size {self.embedding_size} < vocab_size {self.vocab_size}")
-        for name in ("mask_token_id", "eos_token_id"):
-            token = getattr(self, name)
-            if not 0 <= token < self.embedding_size:
-                raise ValueError(f"{name} {token} is outside the vocabulary [0, {self.embedding_size})")
+        check_special_tokens(self, self.embedding_size)
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> "LLaDAConfig":
-        for key, value in FIXED_SETTINGS.items():
-            if key in hf and hf[key] is not None and hf[key] != value:
-                raise ValueError(f"unsupported LLaDA config: {key}={hf[key]!r} (only {value!r})")
-        missing = [k for k in ("d_model", "n_heads", "n_layers", "vocab_size", "mask_token_id", "eos_token_id")
-                   if hf.get(k) is None]
-        if missing:
-            raise ValueError(f"LLaDA config.json lacks required fields {missing}")
-        names = [f.name for f in fields(cls) if f.init]
-        return cls(**{k: hf[k] for k in names if hf.get(k) is not None})
+        return config_from_hf(cls, hf, "LLaDA", FIXED_SETTINGS)
 
 
 class LLaDAModel(DecoderModel):

@@ -10,12 +10,13 @@ routed_scaling_factor. RoPE is rotate-half on the first partial_rotary_factor * 
 Attention is block-causal: bidirectional inside a block of `block_length` tokens, and every
 block sees all earlier blocks (`block_causal_bias`).
 """
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difuse.models.hf_config import check_head_counts, check_special_tokens, config_from_hf, rotary_dim_of
 from difuse.models.layers import Attention, DecoderLayer, DecoderModel, SwiGLUMLP
 from difuse.models.moe import Experts, sigmoid_group_topk_router
 from difuse.models.packing import Source, expert_sources, swiglu_sources
@@ -71,13 +72,8 @@ class LLaDA2Config:
                 raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                                  f"{self.num_attention_heads}; set head_dim")
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads {self.num_key_value_heads}")
-        self.rotary_dim = int(self.head_dim * self.partial_rotary_factor)
-        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
-            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} gives rotary dim "
-                             f"{self.rotary_dim}; it must be even and within head_dim {self.head_dim}")
+        check_head_counts(self.num_attention_heads, self.num_key_value_heads)
+        self.rotary_dim = rotary_dim_of(self.head_dim, self.partial_rotary_factor)
         if self.first_k_dense_replace > 0 and self.intermediate_size is None:
             raise ValueError("first_k_dense_replace > 0 needs intermediate_size for the dense layers")
         if self.score_function != "sigmoid":
@@ -89,25 +85,15 @@ class LLaDA2Config:
         if not 0 < self.num_experts_per_tok <= eligible:
             raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} not in [1, {eligible}] "
                              f"(experts in the topk_group best groups)")
-        for name in ("mask_token_id", "eos_token_id"):
-            token = getattr(self, name)
-            if not 0 <= token < self.vocab_size:
-                raise ValueError(f"{name} {token} is outside the vocabulary [0, {self.vocab_size})")
+        check_special_tokens(self, self.vocab_size)
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> "LLaDA2Config":
         # norm_topk_prob and router_dtype appear in config.json; the reference code always
         # renormalises (for top-k > 1) and always routes in fp32, as we do.
-        refused = {"use_qkv_bias": False, "use_bias": False, "norm_head": False, "tie_word_embeddings": False,
-                   "hidden_act": "silu", "rope_scaling": None}
-        for key, value in refused.items():
-            if hf.get(key, value) != value:
-                raise ValueError(f"unsupported LLaDA2 config: {key}={hf[key]!r} (only {value!r})")
-        missing = [f.name for f in fields(cls) if f.init and f.default is MISSING and hf.get(f.name) is None]
-        if missing:
-            raise ValueError(f"LLaDA2 config.json lacks required fields {missing}")
-        names = [f.name for f in fields(cls) if f.init]
-        return cls(**{k: hf[k] for k in names if hf.get(k) is not None})
+        fixed = {"use_qkv_bias": False, "use_bias": False, "norm_head": False, "tie_word_embeddings": False,
+                 "hidden_act": "silu", "rope_scaling": None}
+        return config_from_hf(cls, hf, "LLaDA2", fixed)
 
 
 class SparseMoE(nn.Module):

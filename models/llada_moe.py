@@ -9,11 +9,12 @@ partial when partial_rotary_factor < 1. Checkpoints come either with one tensor 
 format, stacked at load) or with experts already stacked as `mlp.w1` [E, 2I, H] / `mlp.w2`
 [E, H, I] (dInfer's fused format).
 """
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from difuse.models.hf_config import check_head_counts, check_special_tokens, config_from_hf, rotary_dim_of
 from difuse.models.layers import Attention, DecoderLayer, DecoderModel, SwiGLUMLP
 from difuse.models.moe import Experts, softmax_topk_router
 from difuse.models.packing import Cat, Source, expert_sources, swiglu_sources
@@ -57,14 +58,9 @@ class LLaDAMoEConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                              f"{self.num_attention_heads}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads {self.num_key_value_heads}")
+        check_head_counts(self.num_attention_heads, self.num_key_value_heads)
         self.head_dim = self.hidden_size // self.num_attention_heads
-        self.rotary_dim = int(self.head_dim * self.partial_rotary_factor)
-        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
-            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} gives rotary dim "
-                             f"{self.rotary_dim}; it must be even and within head_dim {self.head_dim}")
+        self.rotary_dim = rotary_dim_of(self.head_dim, self.partial_rotary_factor)
         if isinstance(self.moe_layer_freq, int):
             if self.moe_layer_freq != 1:
                 raise ValueError(f"integer moe_layer_freq must be 1 (every layer MoE), got {self.moe_layer_freq}")
@@ -80,25 +76,14 @@ class LLaDAMoEConfig:
             raise ValueError(f"unsupported moe_router_score_function {self.moe_router_score_function!r} (only 'softmax')")
         if not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} not in [1, {self.num_experts}]")
-        for name in ("mask_token_id", "eos_token_id"):
-            token = getattr(self, name)
-            if not 0 <= token < self.vocab_size:
-                raise ValueError(f"{name} {token} is outside the vocabulary [0, {self.vocab_size})")
+        check_special_tokens(self, self.vocab_size)
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> "LLaDAMoEConfig":
         # norm_topk_prob, routed_scaling_factor and router groups appear in config.json but the
         # reference HF code never applies them (norm_topk_prob is hard-coded False there).
-        refused = {"attention_bias": False, "tie_word_embeddings": False, "hidden_act": "silu", "rope_scaling": None}
-        for key, value in refused.items():
-            if hf.get(key, value) != value:
-                raise ValueError(f"unsupported LLaDA-MoE config: {key}={hf[key]!r} (only {value!r})")
-        required = [f.name for f in fields(cls) if f.init and f.default is MISSING]
-        missing = [k for k in required if hf.get(k) is None]
-        if missing:
-            raise ValueError(f"LLaDA-MoE config.json lacks required fields {missing}")
-        names = [f.name for f in fields(cls) if f.init]
-        return cls(**{k: hf[k] for k in names if hf.get(k) is not None})
+        fixed = {"attention_bias": False, "tie_word_embeddings": False, "hidden_act": "silu", "rope_scaling": None}
+        return config_from_hf(cls, hf, "LLaDA-MoE", fixed)
 
 
 class SparseMoE(nn.Module):
