@@ -18,6 +18,7 @@ from . import codegen_triton
 from .cache import KernelCache, cache_key, device_name, library_versions
 from .config import FusionConfig
 from .ir import SubGraph
+from .launch import ieee_quiet
 from .lowering import RowKernel, lower
 
 log = logging.getLogger("difuse.fusion")
@@ -102,6 +103,8 @@ class KernelCompiler:
             fn = self._launcher(kernel, module, block, warps, device, graph)
         except Exception as e:
             raise CompileError(f"building the launcher of {self.cache.source_path(key)} failed: {e}") from e
+        if torch.device(device).type == "cpu":
+            fn = ieee_quiet(device)(fn)  # the recorded ops may divide by zero or overflow, as torch allows
         group = CompiledGroup(fn, key, list(kernel.input_values), list(kernel.scalar_args),
                               [o.value for o in kernel.outputs], sub.structural_hash(),
                               str(self.cache.source_path(key)), time.perf_counter() - start, hit,

@@ -5,10 +5,16 @@ The pattern kernels launch with programmatic dependent launch on Hopper GPUs (di
 the step, not of one kernel, and a kernel launched early right after another launch of itself can
 even run slower than alone. So kernels are compared with their fallbacks (the fusion profile rule,
 bench.kernels) inside serial_launches(), and the step gains the overlap on top.
+
+ieee_quiet: under the CPU interpreter a kernel's arithmetic is numpy's, which warns where IEEE
+arithmetic on a GPU (and torch's on any device) silently gives inf or NaN.
 """
 from __future__ import annotations
 
 import contextlib
+
+import numpy as np
+import torch
 
 _serial = False
 
@@ -27,3 +33,11 @@ def serial_launches():
 
 def launching_serially() -> bool:
     return _serial
+
+
+def ieee_quiet(device: torch.device | str):
+    """Context of a launch on `device`: on the CPU, numpy's floating-point warnings are off, so
+    1/0, overflow to inf and inf - inf (often in lanes masked later) pass silently, as on a GPU."""
+    if torch.device(device).type == "cpu":
+        return np.errstate(all="ignore")
+    return contextlib.nullcontext()

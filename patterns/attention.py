@@ -26,6 +26,7 @@ def attention_reference(q, k, v, bias=None, scale=None):
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from difuse.fusion.launch import ieee_quiet  # noqa: E402
 from difuse.patterns._rows import (  # noqa: E402
     PlanCache,
     cdiv,
@@ -40,9 +41,6 @@ from difuse.patterns._rows import (  # noqa: E402
     tensor_key,
     wait_for_previous_kernel,
 )
-
-LOG2E = 1.4426950408889634
-
 
 @triton.jit
 def _attention_kernel(
@@ -273,15 +271,16 @@ def fused_attention(q, k, v, bias=None, scale=None, out_stride=None):
         return out
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     part, stats, counts = plan["workspace"] or (out, out, out)
-    _attention_kernel[plan["grid"]](
-        q, q.stride(0), q.stride(1), q.stride(2),
-        k, k.stride(0), k.stride(1), k.stride(2),
-        v, v.stride(0), v.stride(1), v.stride(2),
-        bias if bias is not None else q, *plan["bias_strides"],
-        out, out.stride(0), out.stride(1), out.stride(2),
-        part, stats, counts,
-        Hq, T, plan["S"], D, plan["group"], scale, plan["keys_per_split"], **plan["constants"],
-    )
+    with ieee_quiet(q.device):  # a most-negative bias scaled by log2(e) overflows to -inf
+        _attention_kernel[plan["grid"]](
+            q, q.stride(0), q.stride(1), q.stride(2),
+            k, k.stride(0), k.stride(1), k.stride(2),
+            v, v.stride(0), v.stride(1), v.stride(2),
+            bias if bias is not None else q, *plan["bias_strides"],
+            out, out.stride(0), out.stride(1), out.stride(2),
+            part, stats, counts,
+            Hq, T, plan["S"], D, plan["group"], scale, plan["keys_per_split"], **plan["constants"],
+        )
     return out
 
 

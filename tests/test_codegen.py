@@ -117,6 +117,21 @@ def test_ninetoothed_generic_kernel_matches_torch(case, shape, dtype, tmp_path, 
     assert "def arrangement" in open(group.source_path).read()
 
 
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_ieee_infinities_and_nans_as_torch_gives_them(tmp_path, device):
+    """1/0, overflow and inf - inf give inf and NaN as in torch, without numpy's warnings on CPU."""
+    def fn(x, y):
+        z = 1 / x * y
+        return z, z.exp(), z - z
+
+    x = torch.tensor([[0.0, -0.0, 2.0, 1e-30, 5.0]], device=device)
+    y = torch.tensor([[1.0, 1.0, 0.0, 1e30, 1e38]], device=device)
+    graph, _, fused = _compile_and_run(fn, (x, y), FusionConfig(cache_dir=tmp_path))
+    for leaf, ref in zip(graph.output_leaves, fn(x, y)):
+        torch.testing.assert_close(fused[leaf.name], ref, equal_nan=True)
+
+
 def test_runtime_scalars_are_kernel_arguments_not_constexpr(tmp_path):
     x, w = torch.randn(4, 40), torch.randn(40)
     graph, group, _ = _compile_and_run(rms_norm, (x, w, 1e-6), FusionConfig(cache_dir=tmp_path))

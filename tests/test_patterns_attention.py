@@ -38,6 +38,7 @@ def sm_count(request, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the interpreter's numpy on the kernel's infinities
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias_kind", ["none", "padding", "rows"])
