@@ -106,8 +106,9 @@ def _footprint(inputs: list) -> int:
     return sum(storages.values())
 
 
-def _traffic(graph: SubGraph, node_indices: list[int]) -> tuple[int, int, int]:
-    """(bytes moved unfused, bytes moved fused, bytes of the fused outputs)."""
+def traffic(graph: SubGraph, node_indices: list[int]) -> tuple[int, int, int]:
+    """Memory traffic of a group, from its tensor sizes: (bytes moved unfused, bytes moved fused,
+    bytes of the fused outputs). Unfused, every op reads its inputs and writes its outputs."""
     chosen = set(node_indices)
     unfused = 0
     for i in node_indices:
@@ -144,7 +145,7 @@ class FusionHeuristics:
         if largest < cfg.min_tensor_elements:
             return Decision(False, f"largest tensor has {largest} elements < min_tensor_elements="
                                    f"{cfg.min_tensor_elements}")
-        unfused, fused, fused_out = _traffic(graph, node_indices)
+        unfused, fused, fused_out = traffic(graph, node_indices)
         saved = unfused - fused
         if generic and saved <= 0:
             return Decision(False, f"saves no memory traffic ({unfused} B unfused vs {fused} B fused)")

@@ -51,6 +51,7 @@ class GroupRecord:
     bytes_moved: int | None = None
     timing: str | None = None  # how t_fused / t_fallback were measured: "graph" (CUDA graph) or "eager"
     shape: str = ""  # largest input, e.g. "32x4096 bfloat16": the shape bucket rows are grouped by
+    traffic: tuple[int, int] | None = None  # bytes moved per call (unfused, fused), from tensor sizes
 
     @property
     def gbps(self) -> float | None:
@@ -82,6 +83,7 @@ class FusionReport:
         groups = []
         for g in self.groups:
             d = asdict(g)
+            d["traffic"] = list(g.traffic) if g.traffic else None  # as JSON reads it back
             d["gbps"] = g.gbps
             d["speedup"] = g.speedup
             d["fraction_of_copy_bandwidth"] = g.gbps * 1e9 / bw if bw and g.gbps else None
@@ -113,6 +115,10 @@ class FusionReport:
         the fused occurrences per program run, fused vs unfused."""
         fused = [g for g in self.groups if g.decision]
         line = f"{len(self.groups)} groups, {len(fused)} fused; {len(self.rows())} distinct"
+        sized = [g.traffic for g in fused if g.traffic]
+        if sized:
+            line += (f"; fused groups move {_bytes(sum(t[1] for t in sized))} per run "
+                     f"against {_bytes(sum(t[0] for t in sized))} unfused")
         timed = [g for g in fused if g.t_fused and g.t_fallback]
         if timed:
             modes = "/".join(sorted({g.timing or "eager" for g in timed}))
@@ -148,39 +154,55 @@ class FusionReport:
             notes.append(f"device copy bandwidth {bw / 1e9:.1f} GB/s")
         return "\n".join([title, "(" + "; ".join(notes) + ")", fmt(head), *(fmt(r) for r in rows)])
 
+    def _charts(self) -> list[tuple[str, str, list[tuple[str, float, float]]]]:
+        """What the pictures draw, one chart per measure: (title, unit, [(row label, unfused, fused)]).
+        Time per call where groups were timed; always the bytes each fused group moves per call."""
+        charts = []
+        timed = [(g, n) for g, n in self.rows() if g.t_fused and g.t_fallback]
+        if timed:
+            charts.append(("time per call", "us", [(_label(g, n), g.t_fallback * 1e6, g.t_fused * 1e6)
+                                                   for g, n in timed]))
+        sized = [(g, n) for g, n in self.rows() if g.decision and g.traffic]
+        if sized:
+            charts.append(("memory traffic per call, from tensor sizes", "KB",
+                           [(_label(g, n), g.traffic[0] / 1e3, g.traffic[1] / 1e3) for g, n in sized]))
+        return charts
+
     def save_html(self, path) -> None:
-        """A standalone page: the table plus an inline SVG bar chart of fused vs unfused time."""
-        timed = [g for g, _ in self.rows() if g.t_fused and g.t_fallback]
+        """A standalone page: inline SVG bar charts of unfused against fused time and traffic, and
+        the table of every group."""
         bar_h, width = 18, 520
-        top = max([max(g.t_fused, g.t_fallback) for g in timed], default=1.0)
-        bars = []
-        for k, g in enumerate(timed):
-            y = k * (2 * bar_h + 12)
-            for j, (t, color, label) in enumerate([(g.t_fallback, "#bbb", "unfused"), (g.t_fused, "#2a7", "fused")]):
-                w = max(1.0, width * t / top)
-                bars.append(f'<rect x="160" y="{y + j * bar_h}" width="{w:.1f}" height="{bar_h - 2}" fill="{color}"/>'
-                            f'<text x="{165 + w:.1f}" y="{y + j * bar_h + 13}" font-size="11">{label} '
-                            f'{t * 1e6:.1f} us</text>')
-            bars.append(f'<text x="0" y="{y + bar_h + 4}" font-size="12">{html.escape(g.name)}</text>')
-        height = max(1, len(timed)) * (2 * bar_h + 12)
-        svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 320}" height="{height}">'
-               + "".join(bars) + "</svg>")
+        svgs = []
+        for title, unit, bars in self._charts():
+            top = max(max(u, f) for _, u, f in bars) or 1.0
+            parts = [f'<text x="0" y="14" font-size="13" font-weight="bold">{html.escape(title)}</text>']
+            for k, (label, unfused, fused) in enumerate(bars):
+                y = 24 + k * (2 * bar_h + 12)
+                for j, (v, color, name) in enumerate([(unfused, "#bbb", "unfused"), (fused, "#2a7", "fused")]):
+                    w = max(1.0, width * v / top)
+                    parts.append(f'<rect x="220" y="{y + j * bar_h}" width="{w:.1f}" height="{bar_h - 2}" '
+                                 f'fill="{color}"/><text x="{225 + w:.1f}" y="{y + j * bar_h + 13}" '
+                                 f'font-size="11">{name} {v:.1f} {unit}</text>')
+                parts.append(f'<text x="0" y="{y + bar_h + 4}" font-size="12">{html.escape(label)}</text>')
+            height = 24 + len(bars) * (2 * bar_h + 12)
+            svgs.append(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 380}" height="{height}">'
+                        + "".join(parts) + "</svg>")
         d = self.to_dict()
         cols = ["name", "nodes", "decision", "reason", "compile_seconds", "cache_hit", "t_fused", "t_fallback",
-                "speedup", "bytes_moved", "gbps", "fraction_of_copy_bandwidth"]
+                "speedup", "traffic", "bytes_moved", "gbps", "fraction_of_copy_bandwidth"]
         rows = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(g[c]))}</td>" for c in cols) + "</tr>"
                        for g in d["groups"])
         page = (f"<!doctype html><html><head><meta charset='utf-8'><title>difuse fusion report</title>"
                 f"<style>body{{font-family:sans-serif}}td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}</style>"
                 f"</head><body><h1>difuse fusion report</h1><p>device: {html.escape(d['device'])}; "
                 f"copy bandwidth: {_cell(d['copy_bandwidth_gbps'])} GB/s; compile: "
-                f"{d['compile_seconds']:.3f} s</p>{svg}<table><tr>"
+                f"{d['compile_seconds']:.3f} s</p><p>{html.escape(d['summary'])}</p>{''.join(svgs)}<table><tr>"
                 + "".join(f"<th>{c}</th>" for c in cols) + f"</tr>{rows}</table></body></html>")
         with open(path, "w") as f:
             f.write(page)
 
     def save_png(self, path) -> None:
-        """Bar chart of fused vs unfused time per group (needs matplotlib)."""
+        """Bar charts of unfused against fused time and traffic per group (needs matplotlib)."""
         try:
             import matplotlib
 
@@ -188,17 +210,34 @@ class FusionReport:
             import matplotlib.pyplot as plt
         except ImportError as e:
             raise ImportError("FusionReport.save_png needs matplotlib (pip install difuse[bench])") from e
-        timed = [g for g, _ in self.rows() if g.t_fused and g.t_fallback]
-        fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * max(1, len(timed))))
-        ys = range(len(timed))
-        ax.barh([y + 0.2 for y in ys], [g.t_fallback * 1e6 for g in timed], 0.4, label="unfused", color="#bbb")
-        ax.barh([y - 0.2 for y in ys], [g.t_fused * 1e6 for g in timed], 0.4, label="fused", color="#2a7")
-        ax.set_yticks(list(ys), [f"{g.name} ({g.nodes})" for g in timed])
-        ax.set_xlabel("time per call (us)")
-        ax.legend()
+        charts = self._charts()
+        if not charts:
+            raise ValueError("nothing to draw: the report has no timed group and no fused group")
+        rows = max(len(bars) for _, _, bars in charts)
+        fig, axes = plt.subplots(1, len(charts), figsize=(7 * len(charts), 1.2 + 0.45 * rows), squeeze=False)
+        for ax, (title, unit, bars) in zip(axes[0], charts):
+            ys = range(len(bars))
+            ax.barh([y + 0.2 for y in ys], [u for _, u, _ in bars], 0.4, label="unfused", color="#bbb")
+            ax.barh([y - 0.2 for y in ys], [f for _, _, f in bars], 0.4, label="fused", color="#2a7")
+            ax.set_yticks(list(ys), [label for label, _, _ in bars], fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlabel(f"{title} ({unit})")
+            ax.legend(fontsize=8)
+        fig.suptitle(f"difuse fusion report: {self.summary()}", fontsize=9, wrap=True)
         fig.tight_layout()
-        fig.savefig(path)
+        fig.savefig(path, dpi=120)
         plt.close(fig)
+
+
+def _label(g: GroupRecord, count: int) -> str:
+    return f"{g.name} {g.shape}" + (f" x{count}" if count > 1 else "")
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def _cell(v) -> str:

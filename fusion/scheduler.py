@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .cache import cache_key, device_name
 from .compiler import CompileError, KernelCompiler
 from .config import FusionConfig
-from .heuristics import Decision, FusionHeuristics
+from .heuristics import Decision, FusionHeuristics, traffic
 from .ir import Ref, ScalarArg, SubGraph, _resolve
 from .lowering import REDUCTIONS, SUPPORTED_OPS, Unsupported, lower, row_space
 from .pattern import Match, Pattern, registered_patterns
@@ -298,7 +298,8 @@ class FusionScheduler:
         g.record = self._report.add(GroupRecord(name=g.name, kind=g.kind, nodes=len(g.nodes),
                                                 ops=[graph.nodes[i].op for i in g.nodes],
                                                 decision=g.decision.fuse, reason=g.decision.reason,
-                                                shape=_shape_bucket(graph, g.inputs)))
+                                                shape=_shape_bucket(graph, g.inputs),
+                                                traffic=traffic(graph, list(g.nodes))[:2]))
         if not g.fused:
             return
         if g.kind == "generic":

@@ -37,10 +37,35 @@ def test_report_lists_groups_with_times_bytes_and_bandwidth(profiled_report, tmp
 def test_report_html_and_png(profiled_report, tmp_path):
     profiled_report.save_html(tmp_path / "report.html")
     page = (tmp_path / "report.html").read_text()
-    assert "<svg" in page and page.count("<rect") == 4 and "generic" in page
+    # two groups, unfused and fused bars, in a time chart and a traffic chart
+    assert page.count("<svg") == 2 and page.count("<rect") == 8 and "generic" in page
+    assert "time per call" in page and "memory traffic per call" in page
     pytest.importorskip("matplotlib")
     profiled_report.save_png(tmp_path / "report.png")
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unprofiled_report_draws_the_traffic_it_saves(tmp_path):
+    """Without timings (static decisions, as on a CPU) the pictures still show what fusion saves."""
+    def fn(x, w, eps: float):
+        return rms_norm(x, w, eps) * 2.0
+
+    args = (torch.randn(6, 48), torch.randn(48), 1e-6)
+    scheduler = FusionScheduler(FusionConfig(cache_dir=tmp_path), patterns=[])
+    scheduler.dispatch(record(fn, *args), *args)
+    report = scheduler.report()
+    [group] = report.groups
+    unfused, fused = group.traffic
+    assert fused == 2 * 6 * 48 * 4 + 48 * 4 < unfused  # x and w read, the output written, once
+    assert "fused groups move" in report.summary()
+    report.save_html(tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("<svg") == 1 and "memory traffic per call" in page and "time per call" not in page
+    pytest.importorskip("matplotlib")
+    report.save_png(tmp_path / "report.png")
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="nothing to draw"):
+        FusionReport().save_png(tmp_path / "empty.png")
 
 
 def test_unprofiled_groups_print_without_times():
