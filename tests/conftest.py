@@ -21,6 +21,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    """A tiny dense LLaDA checkpoint in the real HF format, written once per session."""
+    from difuse.models import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llada"), kind="llada")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_path):
+    from difuse.models import load_model
+
+    return load_model(tiny_path, "cpu", torch.float32)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -4,7 +4,6 @@ import random
 
 import pytest
 import torch
-from runtime_fixtures import tiny_model, tiny_path  # noqa: F401 - fixtures
 
 from difuse.models import load_model, make_tiny_checkpoint
 from difuse.runtime.batching import BlockBatcher, QueueFull, Sequence

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from runtime_fixtures import NoHostSync
+from host_sync import NoHostSync
 
 from difuse.models import block_causal_bias, load_model, make_tiny_checkpoint
 from difuse.runtime.batching import BlockBatcher, Sequence

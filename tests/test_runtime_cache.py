@@ -3,7 +3,6 @@ fresh cache equals the full forward on its rows, writes happen in place at the s
 only, and left padding is invisible."""
 import pytest
 import torch
-from runtime_fixtures import tiny_model, tiny_path  # noqa: F401 - fixtures
 
 from difuse.runtime.config import GenerationConfig
 from difuse.runtime.kv_cache import CachePolicy, StaticKVCache, key_padding_bias

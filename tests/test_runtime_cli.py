@@ -5,8 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from runtime_fixtures import tiny_path  # noqa: F401 - fixture
-
 SHIM = Path(__file__).resolve().parents[1] / ".shim"
 
 

@@ -2,7 +2,6 @@
 uncaptured ones, every step shape is captured without falling back, with and without fusion."""
 import pytest
 import torch
-from runtime_fixtures import tiny_path  # noqa: F401 - fixture
 
 from difuse.models import load_model
 from difuse.runtime.config import GenerationConfig

@@ -2,7 +2,7 @@
 nothing outside the still-masked positions changes; all without a host sync."""
 import pytest
 import torch
-from runtime_fixtures import NoHostSync
+from host_sync import NoHostSync
 
 from difuse.runtime.decoders import CreditDecoder, FixedScheduleDecoder, HierarchyDecoder, ThresholdDecoder
 

@@ -2,7 +2,7 @@
 test_runtime_fusion.py): LLaDA's reference loop, batching with padding, early stop, unrolling."""
 import pytest
 import torch
-from runtime_fixtures import NoHostSync, tiny_model, tiny_path  # noqa: F401 - fixtures
+from host_sync import NoHostSync
 
 from difuse.models import load_model, make_tiny_checkpoint
 from difuse.runtime.config import GenerationConfig

@@ -1,19 +1,6 @@
-"""Shared helpers of the runtime tests: a tiny real-format checkpoint and a host-sync detector."""
-import pytest
+"""A host-sync detector for the runtime tests."""
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from difuse.models import load_model, make_tiny_checkpoint
-
-
-@pytest.fixture(scope="session")
-def tiny_path(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llada"), kind="llada")
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tiny_path):
-    return load_model(tiny_path, "cpu", torch.float32)
 
 
 class NoHostSync(TorchDispatchMode):
