@@ -6,6 +6,10 @@ launches intercepted, then compiles each distinct variant to a cubin with Triton
 toolchain -- no GPU needed. It runs in a subprocess because the kernels must be real JIT functions,
 not the interpreter's.
 
+Arguments are specialised as Triton's launcher does on a GPU: an integer 1 becomes a constant, and
+pointers and integers divisible by 16 are marked so (what lets loads vectorise). At the step
+shapes of the supported models, the kernels must not spill registers to local memory.
+
 It also checks that the GPU layout passes duplicate no reduction. A duplicated reduction may sum in
 another order, giving another copy of a value with different low bits; the top-k select compared two
 such copies of each confidence, so a position could rank behind itself (seen on an H100 only).
@@ -17,12 +21,21 @@ import sys
 import pytest
 
 
+def _run(*args) -> str:
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    done = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
 @pytest.mark.slow
 def test_every_kernel_variant_compiles_for_sm90():
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "compiled" in done.stdout
+    assert "compiled" in _run()
+
+
+@pytest.mark.slow
+def test_step_kernels_do_not_spill_at_model_shapes():
+    assert "no spills" in _run("--spills")
 
 
 def _launches() -> list:
@@ -80,56 +93,151 @@ def _launches() -> list:
 
 
 def _signature(fn, args, kwargs):
+    """Triton's signature, constants and attributes of a launch, specialised as on a GPU."""
     import torch
 
     types = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
              torch.int32: "i32", torch.bool: "i1"}
     values = dict(zip(fn.arg_names, args), **kwargs)
-    signature, constexprs = {}, {}
-    for p in fn.params:
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
         v = values[p.name]
+        divisible = False
         if p.is_constexpr:
             signature[p.name], constexprs[p.name] = "constexpr", v
         elif isinstance(v, torch.Tensor):
             signature[p.name] = "*" + types[v.dtype]
+            divisible = v.data_ptr() % 16 == 0
         elif isinstance(v, bool):
             signature[p.name] = "i1"
+        elif isinstance(v, int) and v == 1 and not p.do_not_specialize:
+            signature[p.name], constexprs[p.name] = "constexpr", 1
         elif isinstance(v, int):
             signature[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            divisible = v % 16 == 0 and not p.do_not_specialize
         else:
             signature[p.name] = "fp32"
-    return signature, constexprs
+        if divisible and not p.do_not_specialize_on_alignment:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
 
 
-def _compile_all() -> None:
+def _compile(fn, args, kwargs):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    seen, duplicated = set(), []
-    launches = []
-    for fn, args, kwargs in _launches():
+    kwargs = dict(kwargs)
+    options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
+    signature, constexprs, attrs = _signature(fn, args, kwargs)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=options)
+
+
+def _with_early_launch(launches: list) -> list:
+    """Each launch, and its early-launched variant where it has one (the wrappers launch early only
+    on Hopper GPUs, early_launch_options)."""
+    out = []
+    for fn, args, kwargs in launches:
         kwargs = dict(kwargs)
         kwargs.pop("launch_pdl", None)
-        launches.append((fn, args, kwargs))
-        if "PDL" in kwargs:  # the wrappers launch early on Hopper GPUs (early_launch_options)
-            launches.append((fn, args, dict(kwargs, PDL=True)))
-    for fn, args, kwargs in launches:
-        num_warps = kwargs.pop("num_warps", 4)
-        signature, constexprs = _signature(fn, args, kwargs)
-        key = (fn.__name__, str(sorted(signature.items())), str(sorted(constexprs.items())), num_warps)
-        if key in seen:
-            continue
-        seen.add(key)
-        kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": num_warps})
+        out.append((fn, args, kwargs))
+        if "PDL" in kwargs:
+            out.append((fn, args, dict(kwargs, PDL=True)))
+    return out
+
+
+def _distinct(launches: list):
+    seen = set()
+    for fn, args, kwargs in _with_early_launch(launches):
+        key = (fn.__name__, *map(repr, _signature(fn, args, kwargs)), kwargs.get("num_warps"), kwargs.get("num_stages"))
+        if key not in seen:
+            seen.add(key)
+            yield fn, args, kwargs
+
+
+def _compile_all() -> None:
+    duplicated, count = [], 0
+    for fn, args, kwargs in _distinct(_launches()):
+        kernel = _compile(fn, args, kwargs)
+        count += 1
         written, compiled = kernel.asm["ttir"].count('"tt.reduce"'), kernel.asm["ttgir"].count('"tt.reduce"')
         if compiled > written:
-            duplicated.append(f"{fn.__name__} {constexprs}: {written} reductions became {compiled}")
+            duplicated.append(f"{fn.__name__} {_constants(kwargs)}: {written} reductions became {compiled}")
     if duplicated:
         raise SystemExit("reductions duplicated by the layout passes:\n" + "\n".join(duplicated))
-    print(f"compiled {len(seen)} kernel variants for sm_90")
+    print(f"compiled {count} kernel variants for sm_90")
+
+
+def _constants(kwargs) -> dict:
+    return {k: v for k, v in kwargs.items() if k.isupper()}
+
+
+# (hidden, query heads, kv heads, FFN width, vocabulary, batches): LLaDA-8B, and LLaDA2-mini's
+# grouped heads and vocabulary. A step is 32 block rows per sequence over a 768-token cache.
+MODEL_SHAPES = [(4096, 32, 32, 12288, 126464, (1, 16)), (2048, 16, 4, 5120, 157184, (1,))]
+
+
+def _model_shape_launches() -> list:
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    from difuse.patterns import add_rms_norm, attention, confidence, kv_write, linear, qk_norm, rms_norm, rope, swiglu
+
+    os.environ["TRITON_INTERPRET"] = "1"  # the wrappers then accept CPU tensors; kernels stay JIT functions
+    launches = []
+    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: launches.append((self, args, kwargs))
+    dt = torch.float16  # the 16-bit tl.dot that bf16 takes on a GPU (the interpreter widens bf16)
+    T, S, D = 32, 768, 128
+    for hidden, heads, kv_heads, inner, vocab, batches in MODEL_SHAPES:
+        for batch in batches:
+            rows = batch * T
+            x, norm_w = torch.empty(rows, hidden, dtype=dt), torch.empty(hidden, dtype=dt)
+            rms_norm.fused_rms_norm(x, norm_w, 1e-5)
+            add_rms_norm.fused_add_rms_norm(x, x, norm_w, 1e-5)
+            swiglu.fused_swiglu_packed(torch.empty(rows, 2 * inner, dtype=dt))
+            if rows <= linear.MAX_ROWS:
+                for n, k in (((heads + 2 * kv_heads) * D, hidden), (hidden, heads * D), (2 * inner, hidden),
+                             (hidden, inner), (vocab, hidden)):
+                    linear.fused_linear(torch.empty(rows, k, dtype=dt), torch.empty(n, k, dtype=dt))
+            qkv = torch.empty(batch, T, heads + 2 * kv_heads, D, dtype=dt)
+            q, k, v = qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads], qkv[:, :, heads + kv_heads:]
+            cos, head_w = torch.empty(batch, T, D), torch.empty(D, dtype=dt)
+            keys, values = (torch.empty(batch, kv_heads, S, D, dtype=dt) for _ in range(2))
+            step_rows = torch.arange(S - T, S)
+            rope.fused_apply_rope(q, cos, cos)
+            qk_norm.fused_qk_norm_rope(q, head_w, 1e-6, cos, cos)
+            kv_write.fused_rope_kv_write(k, cos, cos, step_rows, keys, values, v)
+            kv_write.fused_qk_norm_rope_kv_write(k, head_w, cos, cos, step_rows, keys, values, v, 1e-6)
+            attention.fused_attention(q.transpose(1, 2), keys, values, torch.zeros(batch, 1, 1, S, dtype=dt))
+            confidence.confidence_threshold_select(torch.empty(batch, T, vocab, dtype=dt),
+                                                   torch.full((batch, T), 7), 7, 0.9)
+    return launches
+
+
+def _check_spills() -> None:
+    import re
+    import tempfile
+
+    import triton
+
+    spilled, count = [], 0
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = os.path.join(folder, "kernel.cubin")
+        for fn, args, kwargs in _distinct(_model_shape_launches()):
+            kernel = _compile(fn, args, kwargs)
+            count += 1
+            with open(cubin, "wb") as f:
+                f.write(kernel.asm["cubin"])
+            usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin],
+                                   capture_output=True, text=True, check=True).stdout
+            stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+            if stack:
+                spilled.append(f"{fn.__name__} {_constants(kwargs)}: {stack} bytes of stack")
+    if spilled:
+        raise SystemExit("kernels spill registers to local memory:\n" + "\n".join(spilled))
+    print(f"no spills in {count} kernel variants at model shapes")
 
 
 if __name__ == "__main__":
-    _compile_all()
+    _check_spills() if "--spills" in sys.argv else _compile_all()
