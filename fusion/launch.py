@@ -38,6 +38,5 @@ def launching_serially() -> bool:
 def ieee_quiet(device: torch.device | str):
     """Context of a launch on `device`: on the CPU, numpy's floating-point warnings are off, so
     1/0, overflow to inf and inf - inf (often in lanes masked later) pass silently, as on a GPU."""
-    if torch.device(device).type == "cpu":
-        return np.errstate(all="ignore")
-    return contextlib.nullcontext()
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return np.errstate(all="ignore") if kind == "cpu" else contextlib.nullcontext()

@@ -42,6 +42,7 @@ from difuse.patterns._rows import (  # noqa: E402
     wait_for_previous_kernel,
 )
 
+
 @triton.jit
 def _attention_kernel(
     q_ptr, q_sb, q_sh, q_st,
