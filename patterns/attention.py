@@ -184,9 +184,10 @@ def _attention_kernel(
 # 32 rows, 16 per program was no faster at batch 1 and 58% slower at batch 8;
 # tune-attention-query-rows-h200.log). From 8 slices on, the merge's unrolled partial loads spill
 # registers on sm_90 at 32 rows x 128: 104 bytes of stack at 8 slices (16 query heads over 4096
-# keys at batch 1), 728 at 12 (8 heads at batch 1, as LLaDA-8B under 4-way tensor parallelism);
-# not yet timed on a GPU. tests/test_patterns_compile_sm90.py checks that the kernels at the
-# single-GPU step shapes of the models spill nothing.
+# keys at batch 1), 728 at 12 (8 heads at batch 1, as LLaDA-8B under 4-way tensor parallelism).
+# The key loop spills nothing; only the merge, which the last slice to arrive runs, reads the
+# stack. Not yet timed on a GPU. tests/test_patterns_compile_sm90.py checks that the kernels at
+# the single-GPU step shapes of the models spill nothing.
 BLOCK_KEYS = 64
 PROGRAMS_PER_SM = 1
 MAX_SPLITS = 16
