@@ -8,7 +8,9 @@ not the interpreter's.
 
 Arguments are specialised as Triton's launcher does on a GPU: an integer 1 becomes a constant, and
 pointers and integers divisible by 16 are marked so (what lets loads vectorise). At the step
-shapes of the supported models, the kernels must not spill registers to local memory.
+shapes of the supported models, the kernels must not spill registers to local memory
+(`python tests/test_patterns_compile_sm90.py --spills` prints each kernel's registers, stack and
+shared memory there).
 
 It also checks that the GPU layout passes duplicate no reduction. A duplicated reduction may sum in
 another order, giving another copy of a value with different low bits; the top-k select compared two
@@ -231,7 +233,9 @@ def _check_spills() -> None:
                 f.write(kernel.asm["cubin"])
             usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin],
                                    capture_output=True, text=True, check=True).stdout
-            stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+            regs, stack = (int(re.search(rf"{name}:(\d+)", usage).group(1)) for name in ("REG", "STACK"))
+            print(f"{fn.__name__:22s} {regs:3d} registers {stack:4d} B stack {kernel.metadata.shared:6d} B shared  "
+                  f"{_constants(kwargs)}")
             if stack:
                 spilled.append(f"{fn.__name__} {_constants(kwargs)}: {stack} bytes of stack")
     if spilled:
