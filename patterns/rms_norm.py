@@ -55,6 +55,7 @@ def _rms_norm_kernel(
     NUM_CHUNKS: tl.constexpr,
     LOAD_EVICTION: tl.constexpr,  # "evict_first" or "" (the default)
     STORE_CACHE: tl.constexpr,  # ".cs" or ""
+    WEIGHT_FIRST: tl.constexpr,  # whole rows: the weight loaded with x, not after the reduction
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -68,6 +69,8 @@ def _rms_norm_kernel(
     if NUM_CHUNKS == 1:
         cols = tl.arange(0, BLOCK_N)[None, :]
         mask = row_ok[:, None] & (cols < N)
+        if WEIGHT_FIRST:
+            w = tl.load(w_ptr + cols, mask=cols < N, other=0.0)
         x = tl.load(x_ptr + x_row + cols, mask=mask, other=0.0, eviction_policy=LOAD_EVICTION).to(tl.float32)
         if HAS_RESIDUAL:
             r = tl.load(r_ptr + r_row + cols, mask=mask, other=0.0, eviction_policy=LOAD_EVICTION).to(tl.float32)
@@ -75,9 +78,10 @@ def _rms_norm_kernel(
             tl.store(h_ptr + out_row + cols, hidden, mask=mask, cache_modifier=STORE_CACHE)
             x = hidden.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)[:, None]
-        w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        if not WEIGHT_FIRST:
+            w = tl.load(w_ptr + cols, mask=cols < N, other=0.0)
         normed = (x * rstd).to(norm_ty).to(tl.float32)
-        tl.store(y_ptr + out_row + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=mask,
+        tl.store(y_ptr + out_row + cols, (normed * w.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=mask,
                  cache_modifier=STORE_CACHE)
     else:
         sum_sq = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -122,6 +126,12 @@ VALUES_PER_WARP = 512
 # 13.76 at 16, 51.85 vs 51.81 at 64 (bench/results/ab-llada-8b-*-stream-hints-h200.log): a consumer
 # still finds a small output in L2.
 STREAM_HINTS = True
+# Whole rows: the weight's load issued before the reduction, its latency hidden behind it (38
+# instead of 32 registers at hidden 2048 on sm_90). With False the weight is loaded after the
+# reduction, and compiled for sm_90 it stays there: nothing hoists it (with a residual it could not
+# pass the sum's store, which it might alias for all the compiler knows). Not yet timed on a GPU:
+# python -m bench.tune_launch norm --grid "WEIGHT_FIRST=0,1".
+WEIGHT_FIRST = False
 
 
 def _plan_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> tuple:
@@ -159,7 +169,8 @@ def _plan_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
         weight_copy=not weight.is_contiguous(), rows=xv.rows, N=N, grid=(cdiv(xv.rows, block_m),),
         constants=dict(HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                        NUM_CHUNKS=num_chunks, num_warps=max(1, min(16, block_m * block_n // VALUES_PER_WARP)),
-                       **stream_hint_options(STREAM_HINTS), **early_launch_options(x.device)),
+                       WEIGHT_FIRST=WEIGHT_FIRST, **stream_hint_options(STREAM_HINTS),
+                       **early_launch_options(x.device)),
     )
     return out_dtype, norm_dtype, launch
 

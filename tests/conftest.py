@@ -21,6 +21,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=[False, True], ids=["weight-after-sum", "weight-first"])
+def norm_weight_first(request, monkeypatch):
+    """Both orders of the RMSNorm kernel's weight load (patterns.rms_norm.WEIGHT_FIRST)."""
+    from difuse.patterns import _rows, rms_norm
+
+    monkeypatch.setattr(rms_norm, "WEIGHT_FIRST", request.param)
+    monkeypatch.setattr(rms_norm, "_PLANS", _rows.PlanCache())
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory):
     """A tiny dense LLaDA checkpoint in the real HF format, written once per session."""

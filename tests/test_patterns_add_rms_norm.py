@@ -9,7 +9,7 @@ from difuse.patterns.add_rms_norm import AddRMSNormPattern, add_rms_norm, add_rm
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(5, 123), (3, 1000), (2, 3, 64), (2, 9000)])
-def test_add_rms_norm_matches_reference(device, dtype, shape):
+def test_add_rms_norm_matches_reference(device, dtype, shape, norm_weight_first):
     x = torch.randn(shape, device=device, dtype=dtype)
     residual = torch.randn(shape, device=device, dtype=dtype)
     weight = torch.randn(shape[-1], device=device, dtype=dtype)

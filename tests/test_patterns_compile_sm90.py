@@ -52,10 +52,12 @@ def _launches() -> list:
     dt = torch.bfloat16
     x, w = torch.randn(4, 100, dtype=dt), torch.randn(100, dtype=dt)
     wide, wide_w = torch.randn(2, 9000, dtype=dt), torch.randn(9000, dtype=dt)
-    rms_norm.fused_rms_norm(x, w, 1e-6)
-    rms_norm.fused_rms_norm(wide, wide_w, 1e-6)
-    add_rms_norm.fused_add_rms_norm(x, x, w, 1e-6)
-    add_rms_norm.fused_add_rms_norm(wide, wide, wide_w, 1e-6)
+    for weight_first in (True, False):  # the default last
+        rms_norm.WEIGHT_FIRST, rms_norm._PLANS = weight_first, rms_norm.PlanCache()
+        rms_norm.fused_rms_norm(x, w, 1e-6)
+        rms_norm.fused_rms_norm(wide, wide_w, 1e-6)
+        add_rms_norm.fused_add_rms_norm(x, x, w, 1e-6)
+        add_rms_norm.fused_add_rms_norm(wide, wide, wide_w, 1e-6)
     swiglu.fused_swiglu(x, x)
     swiglu.fused_swiglu_packed(torch.randn(4, 200, dtype=dt))
     q = torch.randn(1, 3, 4, 64, dtype=dt)

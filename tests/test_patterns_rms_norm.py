@@ -11,7 +11,7 @@ SHAPES = [(5, 123), (3, 1000), (2, 3, 64), (2, 9000)]  # 9000 > 8192: the chunke
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_rms_norm_matches_reference(device, dtype, shape):
+def test_rms_norm_matches_reference(device, dtype, shape, norm_weight_first):
     x = torch.randn(shape, device=device, dtype=dtype)
     weight = torch.randn(shape[-1], device=device, dtype=dtype)
     assert_close(fused_rms_norm(x, weight, 1e-6), rms_norm(x, weight, 1e-6))
