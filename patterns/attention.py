@@ -44,6 +44,15 @@ from difuse.patterns._rows import (  # noqa: E402
 
 
 @triton.jit
+def _merge_slice(merged, i, weights, pieces, part_ptr, first_slot, T, D, d, mask):
+    """merged + slice i's partial output times its weight (row i of weights)."""
+    weight = tl.sum(tl.where(pieces == i, weights, 0.0), axis=0)  # [T]
+    part = tl.load(part_ptr + (first_slot + i * T)[:, None] * D + d[None, :], mask=mask, other=0.0,
+                   cache_modifier=".cg")
+    return merged + weight[:, None] * part
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, q_sb, q_sh, q_st,
     k_ptr, k_sb, k_sh, k_ss,
@@ -64,6 +73,7 @@ def _attention_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    MERGE_LOADS: tl.constexpr,  # slices' partial outputs the merge loads at once
     PDL: tl.constexpr,
 ):
     # With one warp per scheduler (batch 1) every instruction is on the critical path: full tiles
@@ -150,7 +160,7 @@ def _attention_kernel(
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLITS - 1:
             # Weights exp(m_split - m_max) from every slice's (max, sum), read as one tile; the
-            # unrolled partial loads are independent, so they are all in flight together.
+            # unrolled partial loads are independent, so up to MERGE_LOADS are in flight together.
             pieces = tl.arange(0, BLOCK_SPLITS)[:, None]  # [S, 1]
             stats_at = (first_slot[None, :] + pieces * T) * 2  # [S, T]
             stats_ok = (pieces < SPLITS) & t_ok[None, :]
@@ -160,11 +170,14 @@ def _attention_kernel(
             weights = tl.where(stats_ok, tl.exp2((m_split - m_max) * 1.4426950408889634), 0.0)
             total = tl.where(t_ok, tl.sum(weights * l_split, axis=0), 1.0)  # rows past the end: no 0 / 0
             merged = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-            for i in tl.static_range(SPLITS):
-                weight = tl.sum(tl.where(pieces == i, weights, 0.0), axis=0)  # [T]: row i of weights
-                part = tl.load(part_ptr + (first_slot + i * T)[:, None] * D + d[None, :], mask=row_mask, other=0.0,
-                               cache_modifier=".cg")
-                merged += weight[:, None] * part
+            if SPLITS <= MERGE_LOADS:
+                for i in tl.static_range(SPLITS):
+                    merged = _merge_slice(merged, i, weights, pieces, part_ptr, first_slot, T, D, d, row_mask)
+            else:
+                for first in range(0, SPLITS, MERGE_LOADS):
+                    for j in tl.static_range(MERGE_LOADS):
+                        merged = _merge_slice(merged, first + j, weights, pieces, part_ptr, first_slot, T, D, d,
+                                              row_mask & (first + j < SPLITS))
             tl.store(out_ptrs, (merged / total[:, None]).to(out_ptr.dtype.element_ty), mask=row_mask)
             tl.atomic_xchg(counter, 0)
     else:
@@ -182,15 +195,16 @@ def _attention_kernel(
 # were slower than four, tune-attention-splits-h200.log), warps and pipeline stages, and the most
 # query rows per program (fewer than a block's rows gives more programs that each read the keys: at
 # 32 rows, 16 per program was no faster at batch 1 and 58% slower at batch 8;
-# tune-attention-query-rows-h200.log). From 8 slices on, the merge's unrolled partial loads spill
-# registers on sm_90 at 32 rows x 128: 104 bytes of stack at 8 slices (16 query heads over 4096
-# keys at batch 1), 728 at 12 (8 heads at batch 1, as LLaDA-8B under 4-way tensor parallelism).
-# The key loop spills nothing; only the merge, which the last slice to arrive runs, reads the
-# stack. Not yet timed on a GPU. tests/test_patterns_compile_sm90.py checks that the kernels at
-# the single-GPU step shapes of the models spill nothing.
+# tune-attention-query-rows-h200.log). The merge loads at most MERGE_LOADS slices' partial
+# outputs at once, so up to 6 slices (4 in the timings above) are all in flight together. Loaded
+# all at once, compiled for sm_90 at 32 rows x 128, 8 slices (16 query heads over 4096 keys at
+# batch 1) spilled 104 bytes of registers to the stack and 12 (8 heads, a rank of LLaDA-8B under
+# 4-way tensor parallelism) 728; in groups of 6 neither spills. Merges of more than 6 slices are
+# not yet timed on a GPU. tests/test_patterns_compile_sm90.py checks the step shapes spill nothing.
 BLOCK_KEYS = 64
 PROGRAMS_PER_SM = 1
 MAX_SPLITS = 16
+MERGE_LOADS = 6
 MAX_QUERY_ROWS = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
@@ -241,7 +255,7 @@ def _plan_attention(q, k, v, bias, out_stride):
         splits=splits, keys_per_split=keys_per_split, grid=(B * Hq, splits, cdiv(T, block_t)),
         constants=dict(HAS_BIAS=bias is not None, KEY_BIAS=bias is not None and bias_strides[1:] == (0, 0),
                        EVEN_KEYS=S % block_n == 0 and D == block_d, EVEN_ROWS=T % block_t == 0 and D == block_d,
-                       SPLITS=splits, BLOCK_SPLITS=next_pow2(splits),
+                       SPLITS=splits, BLOCK_SPLITS=next_pow2(splits), MERGE_LOADS=MERGE_LOADS,
                        IEEE=q.dtype == torch.float32 or widen, WIDEN=widen,
                        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d,
                        num_warps=NUM_WARPS, num_stages=NUM_STAGES, **early_launch_options(q.device)),

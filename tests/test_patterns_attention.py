@@ -92,6 +92,19 @@ def test_attention_splits_at_most_max_splits(device, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_takes_the_slices_a_group_at_a_time(device, dtype, monkeypatch):
+    """More slices than MERGE_LOADS: the merge loads them in groups, the last group partly masked."""
+    monkeypatch.setattr(attention, "sm_count", lambda device: 10_000)
+    monkeypatch.setattr(attention, "_PLANS", _rows.PlanCache())
+    monkeypatch.setattr(attention, "MERGE_LOADS", 2)
+    q, k, v, bias = step_inputs((1, 2, 1, 5, 300, 24), dtype, device, "padding")
+    assert_close(fused_attention(q, k, v, bias), attention_reference(q, k, v, bias))
+    (plan,) = attention._PLANS.plans.values()
+    assert plan["splits"] == 5 and plan["constants"]["MERGE_LOADS"] == 2
+
+
+@pytest.mark.gpu
 def test_attention_scale(device):
     q, k, v, bias = step_inputs(SHAPES[0], torch.float32, device, "padding")
     assert_close(fused_attention(q, k, v, bias, scale=0.3), attention_reference(q, k, v, bias, scale=0.3))

@@ -16,6 +16,7 @@ It also checks that the GPU layout passes duplicate no reduction. A duplicated r
 another order, giving another copy of a value with different low bits; the top-k select compared two
 such copies of each confidence, so a position could rank behind itself (seen on an H100 only).
 """
+import itertools
 import os
 import subprocess
 import sys
@@ -177,9 +178,11 @@ def _constants(kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if k.isupper()}
 
 
-# (hidden, query heads, kv heads, FFN width, vocabulary, batches): LLaDA-8B, and LLaDA2-mini's
-# grouped heads and vocabulary. A step is 32 block rows per sequence over a 768-token cache.
-MODEL_SHAPES = [(4096, 32, 32, 12288, 126464, (1, 16)), (2048, 16, 4, 5120, 157184, (1,))]
+# (hidden, query heads, kv heads, FFN width, vocabulary, batches, cache lengths): LLaDA-8B,
+# LLaDA2-mini's grouped heads and vocabulary, and the heads and FFN width of one rank of LLaDA-8B
+# under 4-way tensor parallelism. A step is 32 block rows per sequence.
+MODEL_SHAPES = [(4096, 32, 32, 12288, 126464, (1, 16), (768,)), (2048, 16, 4, 5120, 157184, (1,), (768, 4096)),
+                (4096, 8, 8, 3072, 126464, (1,), (768,))]
 
 
 def _model_shape_launches() -> list:
@@ -192,9 +195,9 @@ def _model_shape_launches() -> list:
     launches = []
     JITFunction.run = lambda self, *args, grid, warmup, **kwargs: launches.append((self, args, kwargs))
     dt = torch.float16  # the 16-bit tl.dot that bf16 takes on a GPU (the interpreter widens bf16)
-    T, S, D = 32, 768, 128
-    for hidden, heads, kv_heads, inner, vocab, batches in MODEL_SHAPES:
-        for batch in batches:
+    T, D = 32, 128
+    for hidden, heads, kv_heads, inner, vocab, batches, contexts in MODEL_SHAPES:
+        for batch, S in itertools.product(batches, contexts):
             rows = batch * T
             x, norm_w = torch.empty(rows, hidden, dtype=dt), torch.empty(hidden, dtype=dt)
             rms_norm.fused_rms_norm(x, norm_w, 1e-5)
