@@ -183,13 +183,17 @@ def _constants(kwargs) -> dict:
 # under 4-way tensor parallelism. A step is 32 block rows per sequence.
 MODEL_SHAPES = [(4096, 32, 32, 12288, 126464, (1, 16), (768,)), (2048, 16, 4, 5120, 157184, (1,), (768, 4096)),
                 (4096, 8, 8, 3072, 126464, (1,), (768,))]
+# (experts, expert FFN width, experts per token, hidden): LLaDA-MoE-7B-A1B and LLaDA2-mini, at
+# batch 1 and 16.
+MOE_SHAPES = [(64, 1024, 8, 2048), (256, 512, 8, 2048)]
 
 
 def _model_shape_launches() -> list:
     import torch
     from triton.runtime.jit import JITFunction
 
-    from difuse.patterns import add_rms_norm, attention, confidence, kv_write, linear, qk_norm, rms_norm, rope, swiglu
+    from difuse.patterns import (add_rms_norm, attention, confidence, kv_write, linear, moe, moe_router, qk_norm,
+                                 rms_norm, rope, swiglu)
 
     os.environ["TRITON_INTERPRET"] = "1"  # the wrappers then accept CPU tensors; kernels stay JIT functions
     launches = []
@@ -219,6 +223,12 @@ def _model_shape_launches() -> list:
             attention.fused_attention(q.transpose(1, 2), keys, values, torch.zeros(batch, 1, 1, S, dtype=dt))
             confidence.confidence_threshold_select(torch.empty(batch, T, vocab, dtype=dt),
                                                    torch.full((batch, T), 7), 7, 0.9)
+    for experts, inner, top_k, hidden in MOE_SHAPES:
+        for tokens in (T, 16 * T):
+            ids = torch.randint(0, experts, (tokens, top_k))
+            moe.fused_moe(torch.empty(tokens, hidden, dtype=dt), torch.empty(experts, 2 * inner, hidden, dtype=dt),
+                          torch.empty(experts, hidden, inner, dtype=dt), torch.rand(tokens, top_k), ids)
+            moe_router.fused_softmax_topk_router(torch.empty(tokens, experts), top_k)
     return launches
 
 
