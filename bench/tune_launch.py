@@ -1,6 +1,7 @@
 """Sweep the named launch constants of the step kernels: patterns.attention (BLOCK_KEYS,
-PROGRAMS_PER_SM, NUM_WARPS, NUM_STAGES), patterns.rope (TILE_VALUES, VALUES_PER_WARP, ...,
-shared by rope, rope_kv_write and their QK-norm forms; NORM_TILE_VALUES is qk_norm_rope's tile),
+PROGRAMS_PER_SM, NUM_WARPS, NUM_STAGES, MERGE_LOADS), patterns.rope (TILE_VALUES,
+VALUES_PER_WARP, ..., shared by rope, rope_kv_write and their QK-norm forms; NORM_TILE_VALUES is
+qk_norm_rope's tile),
 patterns.linear (BLOCK_N, BLOCK_K, NUM_STAGES, SPLITS_UNTIL_PROGRAMS), patterns.rms_norm
 (ROW_VALUES, VALUES_PER_WARP, STREAM_HINTS, WEIGHT_FIRST, shared by rms_norm and add_rms_norm),
 patterns.swiglu (MAX_BLOCK, VALUES_PER_WARP, STREAM_HINTS) and patterns.moe (BLOCK_M_FEW,
@@ -98,10 +99,13 @@ def sweep(title: str, fused, reference, args: tuple, module, grid: dict, nbytes:
 
 
 def tune_attention(quick: bool, opts: dict) -> None:
-    heads, head_dim, block, context = (4, 32, 4, 40) if quick else (32, 128, 32, 768)
-    for batch in (1,) if quick else (1, 8):
+    """LLaDA-8B's heads over a 768-token cache at batch 1 and 8, and LLaDA2-mini's grouped heads over
+    4096 keys at batch 1: more key slices than the merge loads at once (MERGE_LOADS)."""
+    head_dim, block = (32, 4) if quick else (128, 32)
+    cases = [(1, 4, 4, 40)] if quick else [(1, 32, 32, 768), (8, 32, 32, 768), (1, 16, 4, 4096)]
+    for batch, heads, kv_heads, context in cases:
         q = torch.randn(batch, block, heads, head_dim, **opts).transpose(1, 2)
-        k, v = (torch.randn(batch, heads, context, head_dim, **opts) for _ in range(2))
+        k, v = (torch.randn(batch, kv_heads, context, head_dim, **opts) for _ in range(2))
         bias = torch.zeros(batch, 1, 1, context, **opts)
         bias[0, ..., :16] = torch.finfo(bias.dtype).min
         grid = dict(BLOCK_KEYS=[32, 64], NUM_STAGES=[2]) if quick else dict(
