@@ -1,12 +1,11 @@
 """Sweep the named launch constants of the step kernels: patterns.attention (BLOCK_KEYS,
 PROGRAMS_PER_SM, NUM_WARPS, NUM_STAGES, MERGE_LOADS), patterns.rope (TILE_VALUES,
 VALUES_PER_WARP, ..., shared by rope, rope_kv_write and their QK-norm forms; NORM_TILE_VALUES is
-qk_norm_rope's tile),
-patterns.linear (BLOCK_N, BLOCK_K, NUM_STAGES, SPLITS_UNTIL_PROGRAMS), patterns.rms_norm
-(ROW_VALUES, VALUES_PER_WARP, STREAM_HINTS, WEIGHT_FIRST, shared by rms_norm and add_rms_norm),
-patterns.swiglu (MAX_BLOCK, VALUES_PER_WARP, STREAM_HINTS) and patterns.moe (BLOCK_M_FEW,
-BLOCK_K_FEW, STAGES_FEW, ..._MANY: the grouped GEMMs' rows per program and tiles), with
-torch.compile of the reference alongside.
+qk_norm_rope's tile), patterns.linear (BLOCK_N, BLOCK_K, NUM_STAGES, SPLITS_UNTIL_PROGRAMS),
+patterns.rms_norm (ROW_VALUES, VALUES_PER_WARP, STREAM_HINTS, WEIGHT_FIRST, shared by rms_norm
+and add_rms_norm), patterns.swiglu (MAX_BLOCK, VALUES_PER_WARP, STREAM_HINTS) and patterns.moe
+(BLOCK_M_FEW, BLOCK_K_FEW, STAGES_FEW, ..._MANY: the grouped GEMMs' rows per program and tiles),
+with torch.compile of the reference alongside.
 
     python -m bench.tune_launch [attention] [rope] [linear] [norm] [swiglu] [moe]   # CUDA: ~3 minutes each on an H100
     python -m bench.tune_launch --quick              # tiny shapes, two settings; the CPU interpreter works

@@ -41,24 +41,40 @@ def test_step_kernels_do_not_spill_at_model_shapes():
     assert "no spills" in _run("--spills")
 
 
-def _launches() -> list:
-    import torch
+def _intercepted_launches() -> list:
+    """From now on the kernels' launches are recorded in the returned list, not run; the wrappers
+    accept CPU tensors (the kernels, imported before, stay JIT functions)."""
     from triton.runtime.jit import JITFunction
 
-    from difuse.patterns import add_rms_norm, attention, confidence, kv_write, linear, qk_norm, rms_norm, rope, swiglu
+    import difuse.patterns  # noqa: F401  (every kernel defined while TRITON_INTERPRET=0)
 
-    os.environ["TRITON_INTERPRET"] = "1"  # the wrappers then accept CPU tensors; kernels stay JIT functions
+    os.environ["TRITON_INTERPRET"] = "1"
     launches = []
     JITFunction.run = lambda self, *args, grid, warmup, **kwargs: launches.append((self, args, kwargs))
+    return launches
+
+
+def _norms_both_weight_orders(norm_inputs) -> None:
+    """RMSNorm and Add+RMSNorm launched with each WEIGHT_FIRST, the default last."""
+    from difuse.patterns import add_rms_norm, rms_norm
+
+    for weight_first in (not rms_norm.WEIGHT_FIRST, rms_norm.WEIGHT_FIRST):
+        rms_norm.WEIGHT_FIRST, rms_norm._PLANS = weight_first, rms_norm.PlanCache()
+        for x, w in norm_inputs:
+            rms_norm.fused_rms_norm(x, w, 1e-6)
+            add_rms_norm.fused_add_rms_norm(x, x, w, 1e-6)
+
+
+def _launches() -> list:
+    import torch
+
+    from difuse.patterns import attention, confidence, kv_write, linear, qk_norm, rope, swiglu
+
+    launches = _intercepted_launches()
     dt = torch.bfloat16
     x, w = torch.randn(4, 100, dtype=dt), torch.randn(100, dtype=dt)
     wide, wide_w = torch.randn(2, 9000, dtype=dt), torch.randn(9000, dtype=dt)
-    for weight_first in (True, False):  # the default last
-        rms_norm.WEIGHT_FIRST, rms_norm._PLANS = weight_first, rms_norm.PlanCache()
-        rms_norm.fused_rms_norm(x, w, 1e-6)
-        rms_norm.fused_rms_norm(wide, wide_w, 1e-6)
-        add_rms_norm.fused_add_rms_norm(x, x, w, 1e-6)
-        add_rms_norm.fused_add_rms_norm(wide, wide, wide_w, 1e-6)
+    _norms_both_weight_orders([(x, w), (wide, wide_w)])
     swiglu.fused_swiglu(x, x)
     swiglu.fused_swiglu_packed(torch.randn(4, 200, dtype=dt))
     q = torch.randn(1, 3, 4, 64, dtype=dt)
@@ -190,22 +206,16 @@ MOE_SHAPES = [(64, 1024, 8, 2048), (256, 512, 8, 2048)]
 
 def _model_shape_launches() -> list:
     import torch
-    from triton.runtime.jit import JITFunction
 
-    from difuse.patterns import (add_rms_norm, attention, confidence, kv_write, linear, moe, moe_router, qk_norm,
-                                 rms_norm, rope, swiglu)
+    from difuse.patterns import attention, confidence, kv_write, linear, moe, moe_router, qk_norm, rope, swiglu
 
-    os.environ["TRITON_INTERPRET"] = "1"  # the wrappers then accept CPU tensors; kernels stay JIT functions
-    launches = []
-    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: launches.append((self, args, kwargs))
+    launches = _intercepted_launches()
     dt = torch.float16  # the 16-bit tl.dot that bf16 takes on a GPU (the interpreter widens bf16)
     T, D = 32, 128
     for hidden, heads, kv_heads, inner, vocab, batches, contexts in MODEL_SHAPES:
         for batch, S in itertools.product(batches, contexts):
             rows = batch * T
-            x, norm_w = torch.empty(rows, hidden, dtype=dt), torch.empty(hidden, dtype=dt)
-            rms_norm.fused_rms_norm(x, norm_w, 1e-5)
-            add_rms_norm.fused_add_rms_norm(x, x, norm_w, 1e-5)
+            _norms_both_weight_orders([(torch.empty(rows, hidden, dtype=dt), torch.empty(hidden, dtype=dt))])
             swiglu.fused_swiglu_packed(torch.empty(rows, 2 * inner, dtype=dt))
             if rows <= linear.MAX_ROWS:
                 for n, k in (((heads + 2 * kv_heads) * D, hidden), (hidden, heads * D), (2 * inner, hidden),
